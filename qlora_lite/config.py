@@ -262,8 +262,13 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=vars(sys.modules[__name__]), include_extras=False)
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], section: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    # Names known from other tools (lora.rank -> lora_rank -> lora.r) beat spelling distance.
+    for alias in (f"{section}_{key}", key):
+        target = ALIASES.get(alias, ("", None))[0]
+        if target.startswith(section + ".") and target.split(".")[1] not in close:
+            close.insert(0, target.split(".")[1])
     return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
 
 
@@ -282,7 +287,7 @@ def _apply(cfg: Config, dotted: str, value: Any, where: str) -> None:
     hints = _hints(type(sec_obj))
     if key not in hints:
         valid = list(hints)
-        raise UserError(f"{where}: unknown key {section}.{key}; {_suggest(key, valid)}"
+        raise UserError(f"{where}: unknown key {section}.{key}; {_suggest(key, valid, section)}"
                         f"valid keys in {section}: {', '.join(valid)}")
     tp = hints[key]
     out = _coerce(value, tp)
@@ -315,16 +320,42 @@ def _flatten(raw: dict, where: str) -> list[tuple[str, Any]]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'lora.r=32' -> ('lora.r', 32). The value follows YAML scalar rules (true, null, 1e-4, [a, b])."""
+    """'lora.r=32' -> ('lora.r', 32). The value follows YAML scalar rules (true, null, 1e-4, [a, b]).
+
+    For keys that take text, a value YAML reads as something else ("Q: why?" is a mapping, 1234 an
+    int) or cannot read at all is kept as the literal string, so prompts and revisions need no quoting.
+    """
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set lora.r=32")
     key, _, raw = text.partition("=")
     key = key.strip()
+    if key in ALIASES:
+        key, transform = ALIASES[key]
+    else:
+        transform = None
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
+        if _takes_str(key):
+            return key, raw
         raise UserError(f"--set {text!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    if transform is not None:
+        value = transform(value)
+    if _takes_str(key) and raw.strip() and not isinstance(value, (str, list)) and value is not None:
+        tp = _hints(SECTIONS[key.split(".")[0]])[key.split(".")[1]]
+        if _coerce(value, tp) is _NO:
+            return key, raw
     return key, value
+
+
+def _takes_str(dotted: str) -> bool:
+    """Does section.key accept free text (str, or str | null, or str | list)?"""
+    section, _, key = dotted.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None or key not in _hints(cls):
+        return False
+    tp = _hints(cls)[key]
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def _resolve_path(value: str, config_dir: Optional[Path]) -> str:
@@ -364,9 +395,6 @@ def config_from_dict(raw: dict, overrides: list[str] = (), *, where: str = "<con
         _apply(cfg, dotted, value, where)
     for text in overrides:
         key, value = parse_override(text)
-        if key in ALIASES:
-            key, transform = ALIASES[key]
-            value = transform(value) if transform else value
         _apply(cfg, key, value, f"--set {text}")
     _resolve_paths(cfg, config_dir)
     validate_config(cfg, where)
