@@ -471,8 +471,9 @@ def eval_examples(data_cfg, seed: int, tokenizer=None, limit: Optional[int] = No
     alpaca: (format_alpaca_prompt(instruction, input), output). chat (needs `tokenizer`): the
     conversation up to its last assistant turn rendered with the generation prompt, and that turn's
     content. text: no prompt/answer split, so []. `limit` defaults to data.num_eval_samples (0 = all).
-    The rendered chat prompt already holds the template's BOS text: tokenize it with
-    add_special_tokens=False.
+    Prompts are meant for `tokenizer(prompt)` with its default special tokens (as
+    tasks.generate_answers does): a chat template's leading BOS text is removed when the tokenizer
+    adds BOS itself, so the prompt tokens match the training tokens exactly.
     """
     from .tasks import format_alpaca_prompt
 
@@ -487,13 +488,17 @@ def eval_examples(data_cfg, seed: int, tokenizer=None, limit: Optional[int] = No
         raise ValueError("eval_examples: format chat needs the tokenizer to render prompts")
     enc = _Encoder(tokenizer, data_cfg)
     pairs = []
+    bos_text = tokenizer.bos_token if enc.bos is not None else None
     for where, r in rows:
         msgs = r["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         try:
-            pairs.append((enc._render(msgs[:last], gen_prompt=True), msgs[last]["content"]))
+            prompt = enc._render(msgs[:last], gen_prompt=True)
         except _BadRow as e:
             raise UserError(f"{where}: {e}") from None
+        if bos_text and prompt.startswith(bos_text):
+            prompt = prompt[len(bos_text):]  # the tokenizer puts the BOS back
+        pairs.append((prompt, msgs[last]["content"]))
     return pairs
 
 

@@ -121,6 +121,31 @@ def test_chat_template_from_config_and_missing_template(tok, tmp_path):
         ["hello", "<|im_end|>", "</s>"]
 
 
+def test_bos_follows_the_tokenizer_and_template(tok, tmp_path):
+    # A tokenizer that adds no BOS (Qwen-like) gets none; EOS is still appended.
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a copy: the fixture stays untouched
+    backend.post_processor = None
+    plain = tok.__class__(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
+    assert plain("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]
+    train, _, _ = build_datasets(dcfg(jsonl(tmp_path / "a.jsonl", ALPACA[2:])), plain, seed=0)
+    assert words(tok, train[0]["input_ids"])[0] == "Below" and train[0]["labels"][-1] == tok.eos_token_id
+    # A template that writes BOS itself (Llama-style) for a tokenizer that also adds BOS: exactly one BOS,
+    # and the template's EOS after the assistant turn means no second EOS.
+    tmpl = ("{{ bos_token }}{% for m in messages %}{{ m.role }} : {{ m.content }} "
+            "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}assistant : {% endif %}")
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    c = jsonl(tmp_path / "c.jsonl", [conv])
+    train, _, _ = build_datasets(dcfg(c, format="chat", chat_template=tmpl), tok, seed=0)
+    assert words(tok, train[0]["input_ids"]) == ["<s>", "user", ":", "hi", "assistant", ":", "hello", "</s>"]
+    assert words(tok, train[0]["labels"]) == ["hello", "</s>"]
+    # The exact-match prompt, tokenized the default way (tokenizer adds BOS), is the training prefix.
+    (prompt, answer), = eval_examples(dcfg(c, format="chat", chat_template=tmpl, eval_file=str(c)), 0, tok)
+    assert tok(prompt)["input_ids"] == train[0]["input_ids"][:6] and answer == "hello"
+
+
 def test_truncation_is_counted_and_rows_without_response_are_dropped(tok, tmp_path):
     long_out = {"instruction": "say hello", "input": "", "output": " ".join(["hello"] * 50)}
     p = jsonl(tmp_path / "a.jsonl", ALPACA + [long_out])
