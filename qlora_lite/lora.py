@@ -230,6 +230,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         if adapter_name in mod.lora_A:
             raise UserError(f"adapter {adapter_name!r} already exists on {name}")
         mod.add_adapter(adapter_name, r, alpha, dropout, use_rslora, dtype)
+        mod.train(model.training)   # new dropout modules follow the model's train/eval mode
     set_adapter(model, adapter_name)
     return model
 
