@@ -538,6 +538,39 @@ def describe_config() -> str:
     return "\n".join(lines)
 
 
+_DATA_FORMATS_DOC = """## Data formats
+
+`data.train_file` / `data.eval_file` take `.jsonl` (one JSON object per line), `.json` (an array of
+objects), `.csv` (header row; every cell is text) or `.parquet`, a local dataset directory, or a hub
+dataset name such as `tatsu-lab/alpaca` (tried only when no local path of that name exists; the
+split comes from `data.train_split` / `data.eval_split`).
+
+| format | row | prompt (no loss) | response (loss) |
+|---|---|---|---|
+| `alpaca` | `{"instruction": ..., "input": ... (optional), "output": ...}` | the Stanford Alpaca template around instruction and input | output + EOS |
+| `chat` | `{"messages": [{"role": "system"/"user"/"assistant"/"tool", "content": ...}, ...]}` | everything the chat template renders outside assistant turns | each assistant turn, with the template's end-of-turn marker (EOS appended if the template has none) |
+| `text` | `{"text": ...}` | none | every token + EOS |
+
+- BOS is added when the tokenizer's own encoding adds one (never twice when a chat template writes it).
+- `data.train_on_prompt: true` puts the loss on prompt tokens as well.
+- Examples longer than `data.max_seq_len` are cut at the end and counted; an example whose prompt
+  alone fills the window has nothing to learn and is dropped (and counted).
+- A malformed row (bad JSON, missing or empty field, wrong type) stops loading with `file:line`
+  (`file:row N` for parquet and hub data); `data.on_bad_row: skip` skips and counts such rows
+  instead. An empty dataset, or one where every row was skipped, is an error.
+- Evaluation rows come from `data.eval_file`, else the hub split `data.eval_split`, else
+  `data.eval_size` rows held out of the training data by a permutation seeded with `train.seed`.
+- `data.packing: true` places whole examples, in order, into blocks of at most `max_seq_len`
+  tokens. Labels stay masked per example, each example's first token is never a target, and
+  position ids restart at 0 for each example; batches then carry no attention mask, so
+  transformers builds a block-diagonal causal mask from the position ids and each example attends
+  only to itself, exactly as if unpacked. Evaluation data is never packed.
+- Batches are right-padded with the tokenizer's pad token (EOS when it has none); padding is
+  masked out of attention and loss. The training order is a shuffle seeded by
+  (`train.seed`, epoch), so a resumed run continues with exactly the batches it would have seen.
+"""
+
+
 def config_docs_markdown() -> str:
     """docs/config.md, generated from the dataclasses (tests check the file matches this)."""
     out = ["# Config reference", "",
@@ -556,6 +589,7 @@ def config_docs_markdown() -> str:
             if key.startswith(section + "."):
                 out.append(f"| `{key}` | {tp.replace('|', chr(92) + '|')} | `{default}` | {help} |")
         out.append("")
+    out += _DATA_FORMATS_DOC.splitlines() + [""]
     out += ["## Aliases", "",
             "Flat keys from axolotl, LLaMA-Factory and qlora.py configs are accepted at the top level "
             "(and in `--set`) and mapped onto the keys above:", "",

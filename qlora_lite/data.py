@@ -27,10 +27,10 @@ example left with no labeled token (its prompt filled the whole window) is dropp
 Packing (data.packing): whole examples are placed, in order, into blocks of at most max_seq_len
 tokens (an example never straddles two blocks). Labels stay masked per example, the first token
 of each example is never a target (so "after this EOS comes that prompt" is not learned), and
-position_ids restart at 0 for each example. Attention is NOT blocked between examples of a block
-with the default sdpa/eager kernels (plain causal attention over the block, as in most packing
-implementations); transformers' flash_attention_2 path uses the restarting position_ids to keep
-examples apart. Evaluation data is never packed, so eval loss is comparable with packing on or off.
+position_ids restart at 0 for each example. The collator then leaves out attention_mask, and
+transformers (>= 4.56, any attention kernel) turns restarting position_ids into a block-diagonal
+causal mask: with use_cache=False a packed example sees only itself, exactly as if unpacked
+(tested). Evaluation data is never packed, so eval loss is comparable with packing on or off.
 """
 from __future__ import annotations
 
@@ -507,8 +507,13 @@ def eval_examples(data_cfg, seed: int, tokenizer=None, limit: Optional[int] = No
 def make_collator(tokenizer, pad_to_multiple_of: Optional[int] = None) -> Callable[[list[dict]], dict]:
     """list of rows {input_ids, labels[, position_ids]} -> dict of right-padded LongTensors [B, T].
 
-    Pad id = tokenizer.pad_token_id, else eos (padding is masked out of attention and labels, so
-    its id does not matter). pad_to_multiple_of rounds T up (e.g. 8 for tensor cores).
+    Unpacked rows give input_ids / attention_mask / labels. Packed rows give input_ids /
+    position_ids / labels and deliberately no attention_mask: given position_ids that restart at 0
+    and no mask, transformers builds a block-diagonal causal mask, so packed examples do not see
+    each other (call the model with use_cache=False, as training should anyway; with a cache it
+    falls back to plain causal attention over the block). Pad id = tokenizer.pad_token_id, else
+    eos (padding carries label -100 and comes after every real token, so its id does not matter).
+    pad_to_multiple_of rounds T up (e.g. 8 for tensor cores).
     """
     import torch
 
@@ -535,10 +540,12 @@ def make_collator(tokenizer, pad_to_multiple_of: Optional[int] = None) -> Callab
             labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
             if has_pos:
                 position_ids[b, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if has_pos:
-            out["position_ids"] = position_ids
-        return out
+            # Packed rows: no attention_mask, so transformers (>= 4.56) derives a per-example causal
+            # mask from the restarting position_ids (the model must be called with use_cache=False).
+            # Right padding needs no mask under causal attention: real tokens never see later pads.
+            return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     return collate
 

@@ -356,21 +356,47 @@ def test_batch_sampler_resumes_exactly():
     assert len(BatchSampler(10, 3, seed=0, drop_last=True)) == 3
 
 
-def test_batches_feed_a_causal_lm(tok, tmp_path):
-    """End to end: a padded batch gives the same per-example loss as the example alone (padding is inert)."""
+@pytest.fixture(scope="module")
+def tiny_lm(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)).eval()
+
+
+def _token_losses(model, batch):
+    """Per-token cross-entropy (B, T-1) with the HF shift, 0 where the label is -100."""
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                             ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def test_padding_is_inert_in_a_causal_lm(tok, tiny_lm, tmp_path):
+    """Reference: each example run alone. A right-padded batch gives the same per-token losses."""
     train, _, _ = build_datasets(dcfg(jsonl(tmp_path / "a.jsonl", ALPACA)), tok, seed=0)
     collate = make_collator(tok)
-    batch = next(iter_batches(train, 2, collate))
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        single = model(**{k: v[1:2, : len(train[1]["input_ids"])] for k, v in batch.items()}).loss
-    lp = torch.nn.functional.cross_entropy(logits[1, :-1], batch["labels"][1, 1:], ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(lp, single, rtol=1e-4, atol=1e-4)
+    batch = next(iter_batches(train, 3, collate))
+    got = _token_losses(tiny_lm, batch)
+    for b in range(3):
+        alone = _token_losses(tiny_lm, collate([train[b]]))[0]
+        torch.testing.assert_close(got[b, : len(alone)], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_examples_do_not_see_each_other(tok, tiny_lm, tmp_path):
+    """Reference: the unpacked examples. Packing changes neither the tokens that carry loss nor their losses."""
+    p = jsonl(tmp_path / "a.jsonl", ALPACA * 2)
+    plain, _, _ = build_datasets(dcfg(p), tok, seed=0)
+    packed, _, stats = build_datasets(dcfg(p, packing=True, max_seq_len=128), tok, seed=0)
+    collate = make_collator(tok)
+    batch = collate([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == stats.blocks >= 2
+    ref = torch.cat([_token_losses(tiny_lm, collate([ex]))[0] for ex in plain])
+    ref = ref[ref != 0]
+    got = _token_losses(tiny_lm, batch)
+    got = got[got != 0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bundled tiny data
