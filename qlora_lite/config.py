@@ -73,7 +73,8 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA scaling numerator: delta W = (alpha / r) * B @ A (alpha / sqrt(r) with use_rslora)")
     dropout: float = _f(0.05, "dropout on the LoRA input path, 0 <= p < 1 (qlora.py uses 0.1 for 7B-13B, 0.05 above)")
     targets: Union[str, list[str]] = _f(
-        "all-linear", "modules to adapt: all-linear (every linear but lm_head), a list of name suffixes, or a regex string")
+        "all-linear", "modules to adapt: all-linear (every linear but lm_head), a list of name suffixes "
+                           "([q_proj, v_proj]), or a regex matched against whole module names")
     use_rslora: bool = _f(False, "rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r")
     modules_to_save: list[str] = _f([], "modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)")
 
@@ -153,8 +154,9 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "run directory"})
 
 
+# Section name -> dataclass, in file order.
 SECTIONS: dict[str, type] = {"model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig,
-            "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+                             "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
 # Flat keys people bring from axolotl / LLaMA-Factory / qlora.py configs, mapped onto ours.
 # A value transform handles keys whose meaning differs (load_in_4bit: true -> quant.bits: 4).
