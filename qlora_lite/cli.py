@@ -50,7 +50,19 @@ def _add_export(sub) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the exported weights")
     p.add_argument("--base-16bit", default=None, metavar="PATH",
                    help="merge into these original 16-bit weights instead of the dequantized NF4 ones")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out directory (the old one stays until the new one is complete)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="base model the adapter was trained on (default: base_model_name_or_path in adapter_config.json)")
+    p.add_argument("--base-quant", choices=["auto", "nf4", "none"], default="auto",
+                   help="how the base was stored in training: nf4 (QLoRA) or none (a 16-bit base); "
+                        "auto = the checkpoint's config.yaml, else nf4")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the export and comparing logits (needs ~4 bytes/param of host memory)")
+    p.add_argument("--verify-prompts", type=int, default=2, metavar="N", help="prompts used by the verification")
+    p.add_argument("--verify-tokens", type=int, default=16, metavar="N", help="tokens per verification prompt")
     p.set_defaults(func=lambda a: __import__("qlora_lite.export", fromlist=["cli_export"]).cli_export(a))
 
 
