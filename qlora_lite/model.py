@@ -87,15 +87,21 @@ def checkpoint_files(path: Path) -> list[Path]:
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) one at a time. safetensors is memory-mapped; .bin is read with weights_only=True."""
     for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    yield key, sf.get_tensor(key)
-        else:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            for key in list(sd):
-                yield key, sd.pop(key)
+        if not f.is_file():
+            raise UserError(f"{f}: weight file named in the index is missing")
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+                sf = safe_open(str(f), framework="pt", device="cpu")
+                keys = list(sf.keys())
+                get = sf.get_tensor
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                keys, get = list(sd), sd.pop
+        except Exception as e:
+            raise UserError(f"{f}: unreadable or truncated weight file ({str(e).splitlines()[0][:160]})") from None
+        for key in keys:
+            yield key, get(key)
 
 
 def load_config(path: Path, trust_remote_code: bool = False):
