@@ -32,7 +32,20 @@ def _add_memory(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank")
-    p.add_argument("--gpu-gb", type=float, default=None, help="GPU memory budget in GB for the fits/does-not-fit verdict")
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="GPU memory budget in GiB (as nvidia-smi reports it) for the fits/does-not-fit verdict")
+    p.add_argument("--method", action="append", default=None,
+                   choices=["full", "full-mixed", "lora", "qlora"],
+                   help="method to report (repeatable; default: all four)")
+    p.add_argument("--optimizer", default=None,
+                   choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch"],
+                   help="optimizer whose states to count (default paged_adamw_32bit, or the YAML's)")
+    p.add_argument("--no-grad-ckpt", action="store_true", help="estimate without gradient checkpointing")
+    p.add_argument("--attn", default=None, choices=["sdpa", "flash_attention_2", "eager"],
+                   help="attention implementation (eager adds the s^2 attention matrices)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="compute / 16-bit weight dtype")
+    p.add_argument("--sweep", action="store_true", help="also print peak memory over LoRA rank x sequence length")
+    p.add_argument("--steps", type=int, default=None, help="steps to run with --measure / --simulate (after one untracked warm-up step; default 1)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--measure", action="store_true", help="run real steps on this device and report measured peaks")
     mode.add_argument("--simulate", action="store_true", help="run one step on fake tensors (no weights, no GPU)")
