@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .lora import add_lora, load_lora_state_dict, lora_layers, lora_state_dict
+from .lora import PEFT_PREFIX, add_lora, load_lora_state_dict, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,6 +55,9 @@ def _atomic_dir_write(out_dir: Path, write) -> None:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it owner-only; the result should look like any mkdir
     try:
         write(tmp)
         if out_dir.exists():
@@ -91,7 +95,13 @@ _UNSUPPORTED = {  # key: the value that means "not used"
     "use_dora": False, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
     "modules_to_save": None, "target_parameters": None, "layers_to_transform": None, "layers_pattern": None,
     "megatron_config": None, "loftq_config": {}, "lora_bias": False, "trainable_token_indices": None,
+    # PEFT variants whose forward is not h = W0 x + s * B A x (activated LoRA, QA-LoRA pooling, routing, ...)
+    "alora_invocation_tokens": None, "use_qalora": False, "arrow_config": None, "monteclora_config": None,
+    "kasa_config": None, "use_bdlora": None,
 }
+# PEFT initialisations that also rewrite the base weights W0: the saved adapter only fits that modified
+# base unless PEFT converted it on save (which resets init_lora_weights to true).
+_INIT_MODIFIES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -110,6 +120,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key, unused in _UNSUPPORTED.items():
@@ -118,9 +130,18 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{cfg_path}: {key}={val!r} is not supported by qlora_lite")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_INIT_MODIFIES_BASE):
+        raise UserError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights too; save the adapter "
+                        f"with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA adapter")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise UserError(f"{cfg_path}: missing {key!r}")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"{cfg_path}: r={r!r}, expected a positive integer")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise UserError(f"{cfg_path}: lora_alpha={alpha!r}, expected a positive number")
     try:
         from safetensors.torch import load_file
         tensors = load_file(str(w_path))
@@ -131,13 +152,28 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
+_KEY = re.compile(r"(.+)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(?:lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
+
+
+def adapter_module_paths(tensors: dict[str, torch.Tensor], where: str | Path = "adapter") -> set[str]:
+    """Model module paths an adapter's tensors belong to (``base_model.model.`` stripped)."""
+    paths = set()
+    for key in tensors:
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _KEY.fullmatch(k)
+        if not m:
+            raise UserError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
+        paths.add(m.group(1) or m.group(2))
+    return paths
+
+
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> dict:
     """Add the adapter saved in ``directory`` to ``model`` (which holds the same base) and load its weights."""
     cfg, tensors = read_adapter(directory)
-    targets = cfg["target_modules"]
-    if isinstance(targets, list):
-        # PEFT names embedding targets the same way; make sure every tensor's module is wrapped.
-        targets = sorted(set(targets))
+    # Wrap exactly the modules the file holds tensors for: target_modules may be suffixes or a regex
+    # that PEFT narrowed further (exclude_modules, ...), and the tensors are what was trained.
+    paths = sorted(adapter_module_paths(tensors, Path(directory) / WEIGHTS_NAME))
+    targets = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
     add_lora(model, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
              targets=targets, adapter_name=adapter_name, use_rslora=bool(cfg.get("use_rslora", False)))
     load_lora_state_dict(model, tensors, adapter_name)

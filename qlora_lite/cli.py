@@ -76,6 +76,8 @@ def _add_export(sub) -> None:
                    help="skip reloading the export and comparing logits (needs ~4 bytes/param of host memory)")
     p.add_argument("--verify-prompts", type=int, default=2, metavar="N", help="prompts used by the verification")
     p.add_argument("--verify-tokens", type=int, default=16, metavar="N", help="tokens per verification prompt")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where the base is re-quantized and verified: auto (cuda if available, as in training), cpu, cuda:N")
     p.set_defaults(func=lambda a: __import__("qlora_lite.export", fromlist=["cli_export"]).cli_export(a))
 
 

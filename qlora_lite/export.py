@@ -93,6 +93,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _make_temp_dir(out: Path, tag: str) -> Path:
+    """A fresh hidden folder beside ``out``, with ordinary permissions (mkdtemp's are owner-only)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def _is_relative_to(p: Path, other: Path) -> bool:
     try:
         p.relative_to(other)
@@ -177,15 +186,21 @@ def read_quant_settings(checkpoint: Path, base_quant: str = "auto") -> QuantSett
     backend = q.get("backend", "auto")
     if backend not in ("auto", "bnb", "torch"):
         raise UserError(f"{cfg_path}: quant.backend={backend!r}, expected auto, bnb or torch")
+    double_quant = bool(q.get("double_quant", True))
     from .quantize import bnb_available
     if backend in ("auto", "bnb"):
-        # Both backends produce byte-identical NF4 codes (checked in tests/test_nf4.py), so a
-        # checkpoint trained with bitsandbytes exports exactly on a machine without it.
+        # "auto" picked bitsandbytes wherever it imports, so that is what training most likely used.
+        if not bnb_available() and quantized and double_quant:
+            # The 4-bit codes and fp32 constants of the two backends are identical, but the 8-bit codes
+            # of the double-quantized constants differ in near-ties (~0.1% of blocks; tests/test_nf4.py).
+            log.warning("the base was probably quantized with bitsandbytes, which does not import here: using the "
+                        "PyTorch NF4 reference, whose double-quantized constants differ from bitsandbytes' in "
+                        "~0.1%% of blocks, so a few merged blocks will differ slightly from the trained-against weights")
         backend = "bnb" if bnb_available() else "torch"
     skip = q.get("skip_modules", ["lm_head"])
     if isinstance(skip, str):
         skip = [skip]
-    return QuantSettings(quantized=quantized, double_quant=bool(q.get("double_quant", True)), backend=backend,
+    return QuantSettings(quantized=quantized, double_quant=double_quant, backend=backend,
                          skip_modules=tuple(skip or ()), source=source)
 
 
@@ -276,8 +291,13 @@ def _check_deltas(deltas: dict[str, LoraDelta], plan: _Plan, where: str) -> None
 
 
 def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta], settings: QuantSettings,
-                   dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, merged tensor in ``dtype``) over the base checkpoint, one tensor at a time."""
+                   dtype: torch.dtype, progress: bool = True, device: torch.device | str = "cpu"
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, merged tensor in ``dtype``, on CPU) over the base checkpoint, one tensor at a time.
+
+    ``device`` is where the NF4 weights are re-quantized: the training's device reproduces its
+    kernels' rounding exactly (bitsandbytes' CPU and CUDA kernels may break near-ties differently).
+    """
     from .model import _param_name, checkpoint_files, iter_checkpoint
     from .quantize import Linear4bit
     files = checkpoint_files(weights_dir)
@@ -310,8 +330,9 @@ def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta],
                 if attr == "weight" and mod in plan.quant_targets:
                     # Exactly what load_model builds for training: same class, backend and settings.
                     q = Linear4bit.from_weight(t, transpose=transpose, compute_dtype=torch.float32,
-                                               backend=settings.backend, double_quant=settings.double_quant)
-                    w = q.dequantize(torch.float32)                            # [out, in]
+                                               backend=settings.backend, double_quant=settings.double_quant,
+                                               device=device)
+                    w = q.dequantize(torch.float32).cpu()                      # [out, in]
                     w = w.t() if transpose else w                              # back to the checkpoint layout
                     del q
                 elif delta is not None:
@@ -415,21 +436,29 @@ def _prompt_ids(model_dir: str, vocab_size: int, n_prompts: int, n_tokens: int) 
     return ids
 
 
+def _collect(big: bool) -> None:
+    # Free a dropped model before loading the next one. A full collection costs ~1 s in a big
+    # process, so only bother when the models are big enough for their memory to matter.
+    if big:
+        gc.collect()
+
+
 @torch.no_grad()
 def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     model.eval()
-    return [model(input_ids=x).logits.float() for x in prompts]       # each (1, T, vocab)
+    device = next(model.parameters()).device
+    return [model(input_ids=x.to(device)).logits.float().cpu() for x in prompts]       # each (1, T, vocab)
 
 
 def _adapter_model_logits(base: str, checkpoint: Path, quantize: bool, settings: QuantSettings,
-                          prompts: list[torch.Tensor], with_effect: bool):
+                          prompts: list[torch.Tensor], with_effect: bool, big: bool, device="cpu"):
     """Logits of base + adapter in memory (fp32 on CPU), and optionally with the adapter switched off."""
     from .adapter import load_adapter
     from .lora import disable_adapters
     from .model import load_model
     model, _ = load_model(base, quantize="nf4" if quantize else None, double_quant=settings.double_quant,
                           compute_dtype="fp32", backend=settings.backend, skip_modules=settings.skip_modules,
-                          device="cpu", load_tokenizer=False)
+                          device=device, load_tokenizer=False)
     load_adapter(model, checkpoint)
     on = _logits(model, prompts)
     off = None
@@ -437,21 +466,24 @@ def _adapter_model_logits(base: str, checkpoint: Path, quantize: bool, settings:
         with disable_adapters(model):
             off = _logits(model, prompts)
     del model
-    gc.collect()
+    _collect(big)
     return on, off
 
 
-def _check_verify_memory(n_params: int) -> None:
+def _check_verify_memory(n_params: int, device: torch.device) -> None:
     """Reloading the export in fp32 needs ~4 bytes a parameter; refuse before any work when that will not fit."""
     try:
-        import psutil
-        avail = psutil.virtual_memory().available
+        if device.type == "cuda":
+            avail, where = torch.cuda.mem_get_info(device)[0], str(device)
+        else:
+            import psutil
+            avail, where = psutil.virtual_memory().available, "host"
     except Exception:
         return
     need = int(n_params * 4 * 1.15)
     if need > avail:
-        raise UserError(f"verification reloads the export in fp32 on CPU and needs ~{_human_bytes(need)} of host "
-                        f"memory, {_human_bytes(avail)} is available: pass --no-verify (and check the export on a "
+        raise UserError(f"verification reloads the export in fp32 and needs ~{_human_bytes(need)} of {where} "
+                        f"memory, {_human_bytes(avail)} is free: pass --no-verify (and check the export on a "
                         f"bigger machine)")
 
 
@@ -468,6 +500,7 @@ class ExportReport:
     merge_base_path: str                      # the weights the deltas were added to
     dtype: str                                # bf16 | fp16 | fp32
     quant: dict                               # QuantSettings of the training base, as a dict
+    quantized_on: str                         # device the base was re-quantized on (cpu | cuda:N)
     shards: list[str]                         # weight files written
     total_bytes: int                          # bytes of tensors written
     merged_modules: int                       # modules that received a LoRA delta
@@ -492,7 +525,8 @@ class ExportReport:
         if not self.verified:
             lines.append("verification: skipped (--no-verify)")
             return "\n".join(lines)
-        lines.append(f"verification: reloaded with transformers (fp32, CPU), {self.prompts} prompts x <= {self.tokens} tokens")
+        lines.append(f"verification: reloaded with transformers (fp32, {self.quantized_on}), {self.prompts} prompts "
+                     f"x <= {self.tokens} tokens")
         rows = []
         if self.vs_adapter_model is not None:
             rows.append(("export vs NF4 base + adapter", self.vs_adapter_model))
@@ -576,6 +610,7 @@ def export_merged(
     verify: bool = True,
     verify_prompts: int = 2,
     verify_tokens: int = 16,
+    device: str = "auto",
     progress: bool = True,
 ) -> ExportReport:
     """Merge the adapter in ``checkpoint`` into its base and save a plain Hugging Face model at ``out``.
@@ -583,10 +618,18 @@ def export_merged(
     ``base_16bit``: merge into these original 16-bit weights instead of the dequantized NF4 ones.
     ``base``: the base the adapter was trained on (default: adapter_config.json / config.yaml).
     ``base_quant``: "auto" (config.yaml, else nf4), "nf4", or "none" for an adapter trained on a 16-bit base.
+    ``device``: where the base is re-quantized (and the NF4 reference model runs): "auto" = cuda when
+    available, like training; the export itself is always written from CPU memory.
     Raises UserError for bad input and ExportVerificationError when the reloaded export does not match.
     """
-    from .model import resolve_model_path
+    from .model import default_device, resolve_model_path
     t0 = time.time()
+    try:
+        qdevice = default_device() if device == "auto" else torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if qdevice.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     torch_dtype = EXPORT_DTYPES[dtype]
@@ -612,27 +655,30 @@ def export_merged(
         raise UserError(f"--out {out}: the export needs ~{_human_bytes(out_bytes)}, only {_human_bytes(free)} "
                         f"is free on that disk")
     if verify:
-        _check_verify_memory(n_params)
+        _check_verify_memory(n_params, qdevice)
     log.info("merging %s into %s (%s) -> %s", checkpoint, weights_dir, merge_base, out)
 
     meta = {"format": "pt", "qlora_lite.merge_base": merge_base, "qlora_lite.source": str(checkpoint.resolve()),
             "qlora_lite.dtype": dtype}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_temp_dir(out, "tmp")
     try:
         writer = ShardWriter(tmp, max_bytes, meta)
-        for name, t in merged_tensors(weights_dir, plan, deltas, settings, torch_dtype, progress):
+        for name, t in merged_tensors(weights_dir, plan, deltas, settings, torch_dtype, progress, qdevice):
             writer.add(name, t)
         shards = writer.finish()
         _copy_side_files(tmp, checkpoint, base_dir if base_dir.is_dir() else None, config, torch_dtype)
         from . import __version__
         report = ExportReport(
             out=str(out), checkpoint=str(checkpoint), base_model=str(base_dir), merge_base=merge_base,
-            merge_base_path=str(weights_dir), dtype=dtype, quant=asdict(settings), shards=shards,
+            merge_base_path=str(weights_dir), dtype=dtype, quant=asdict(settings), quantized_on=str(qdevice),
+            shards=shards,
             total_bytes=writer.total_bytes, merged_modules=len(deltas))
+        big = n_params > 50_000_000
         del writer
-        gc.collect()
+        _collect(big)
         if verify:
-            _verify(report, tmp, base_dir, weights_dir, checkpoint, settings, merge_nf4, verify_prompts, verify_tokens)
+            _verify(report, tmp, base_dir, weights_dir, checkpoint, settings, merge_nf4, verify_prompts, verify_tokens,
+                    big, qdevice)
         report.seconds = round(time.time() - t0, 2)
         metadata = {"format_version": 1, "qlora_lite_version": __version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -650,27 +696,29 @@ def export_merged(
 
 
 def _verify(report: ExportReport, tmp: Path, base_dir: Path, weights_dir: Path, checkpoint: Path,
-            settings: QuantSettings, merge_nf4: bool, n_prompts: int, n_tokens: int) -> None:
+            settings: QuantSettings, merge_nf4: bool, n_prompts: int, n_tokens: int, big: bool,
+            device: torch.device) -> None:
     """Reload the written export with transformers and compare its logits with the adapter model in memory."""
     from transformers import AutoModelForCausalLM
     vocab = int(_read_json(tmp / "config.json").get("vocab_size") or 0)
     prompts = _prompt_ids(str(base_dir), vocab, n_prompts, n_tokens)
     expected = None
     if settings.quantized:
-        ref_q, off = _adapter_model_logits(str(base_dir), checkpoint, True, settings, prompts, with_effect=True)
+        ref_q, off = _adapter_model_logits(str(base_dir), checkpoint, True, settings, prompts, with_effect=True, big=big,
+                                           device=device)
         report.adapter_effect = _diff(ref_q, off)
         if merge_nf4:
             expected = ref_q
     if not merge_nf4:
         ref16, off16 = _adapter_model_logits(str(weights_dir), checkpoint, False, settings, prompts,
-                                             with_effect=not settings.quantized)
+                                             with_effect=not settings.quantized, big=big, device=device)
         expected = ref16
         if off16 is not None:
             report.adapter_effect = _diff(ref16, off16)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, device_map=None)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, device_map=str(device))
     got = _logits(model, prompts)
     del model
-    gc.collect()
+    _collect(big)
     if settings.quantized:
         report.vs_adapter_model = _diff(got, ref_q)
     if not merge_nf4:
@@ -703,7 +751,7 @@ def cli_export(args) -> int:
             base=getattr(args, "base", None), base_quant=getattr(args, "base_quant", "auto"),
             max_shard_size=getattr(args, "max_shard_size", "2GB"), overwrite=args.overwrite,
             verify=not getattr(args, "no_verify", False), verify_prompts=getattr(args, "verify_prompts", 2),
-            verify_tokens=getattr(args, "verify_tokens", 16), progress=True)
+            verify_tokens=getattr(args, "verify_tokens", 16), device=getattr(args, "device", "auto"), progress=True)
     except ExportVerificationError as e:
         print(f"qlora-lite export: error: {e}", file=sys.stderr)
         return 1
