@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -324,7 +325,7 @@ def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta],
                 mod, _, attr = name.rpartition(".")
                 delta = deltas.get(mod) if attr == "weight" else None
                 if not t.is_floating_point():
-                    yield name, t.clone()
+                    yield name, t
                     continue
                 transpose = mod in plan.conv1d
                 if attr == "weight" and mod in plan.quant_targets:
@@ -338,7 +339,7 @@ def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta],
                 elif delta is not None:
                     w = t.float()
                 else:
-                    yield name, t.to(dtype).contiguous().clone() if t.dtype == dtype else t.to(dtype).contiguous()
+                    yield name, t.to(dtype)        # the same tensor when the dtype already matches: no copy
                     continue
                 if delta is not None:
                     w = w + delta.delta(transpose=transpose or delta.embedding)
@@ -354,6 +355,39 @@ def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta],
     unused = sorted(set(deltas) - used)
     if unused:
         raise UserError(f"adapter modules {unused[:3]} have no weight in {weights_dir} (wrong base model?)")
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file tensor by tensor, fsynced.
+
+    safetensors.torch.save_file first copies every tensor into one bytes buffer, doubling the
+    memory a shard takes; streaming the bytes of each tensor keeps the peak at one shard.
+    Layout: 8-byte little-endian header length, JSON header padded to 8 bytes, raw data.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for t in tensors.values():
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))   # the tensor's own bytes, no copy
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class ShardWriter:
@@ -377,9 +411,8 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.current:
             return
-        from safetensors.torch import save_file
         fname = f"shard-{len(self.files) + 1:05d}.safetensors.part"
-        save_file(self.current, str(self.dir / fname), metadata=self.metadata)
+        write_safetensors(self.dir / fname, self.current, self.metadata)
         self.files.append((fname, list(self.current)))
         self.current, self.current_bytes = {}, 0
 
@@ -471,7 +504,7 @@ def _adapter_model_logits(base: str, checkpoint: Path, quantize: bool, settings:
 
 
 def _check_verify_memory(n_params: int, device: torch.device) -> None:
-    """Reloading the export in fp32 needs ~4 bytes a parameter; refuse before any work when that will not fit."""
+    """Reloading the export in fp32 needs ~6 bytes a parameter at peak; refuse before any work when that will not fit."""
     try:
         if device.type == "cuda":
             avail, where = torch.cuda.mem_get_info(device)[0], str(device)
@@ -480,7 +513,7 @@ def _check_verify_memory(n_params: int, device: torch.device) -> None:
             avail, where = psutil.virtual_memory().available, "host"
     except Exception:
         return
-    need = int(n_params * 4 * 1.15)
+    need = int(n_params * 4 * 1.6)   # measured: 1.39 GB peak for a 220M-parameter export (fp32: 0.88 GB)
     if need > avail:
         raise UserError(f"verification reloads the export in fp32 and needs ~{_human_bytes(need)} of {where} "
                         f"memory, {_human_bytes(avail)} is free: pass --no-verify (and check the export on a "
@@ -579,8 +612,22 @@ def _check_out(out: Path, overwrite: bool, protected: list[Path]) -> None:
             raise UserError(f"--out {out}: is a non-empty directory that is not a model; refusing to replace it")
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:   # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp dir to ``out``; an old export is moved aside first and deleted last."""
+    # Everything on disk before the rename, so a crash never leaves a complete-looking export with empty files.
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
     if out.exists():
         if not overwrite:
             raise UserError(f"--out {out}: appeared while exporting; pass --overwrite to replace it")
@@ -595,6 +642,7 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    _fsync(out.parent)
 
 
 def export_merged(

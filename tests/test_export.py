@@ -263,16 +263,15 @@ def test_refuses_to_overwrite_without_flag(llama_run, tmp_path, capsys):
 
 def _fail_on_shard(monkeypatch, n: int, exc: BaseException):
     """Make the n-th shard write die half way (a partial file is left behind, as a full disk would)."""
-    import safetensors.torch as st
-    real, calls = st.save_file, {"n": 0}
+    real, calls = E.write_safetensors, {"n": 0}
 
-    def save_file(tensors, filename, metadata=None):
+    def write_safetensors(path, tensors, metadata=None):
         calls["n"] += 1
         if calls["n"] == n:
-            Path(filename).write_bytes(b"\0" * 100)
+            Path(path).write_bytes(b"\0" * 100)
             raise exc
-        return real(tensors, filename, metadata=metadata)
-    monkeypatch.setattr(st, "save_file", save_file)
+        return real(path, tensors, metadata)
+    monkeypatch.setattr(E, "write_safetensors", write_safetensors)
     return calls
 
 
@@ -346,6 +345,22 @@ def test_export_dirs_have_ordinary_permissions(llama_run, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_streamed_safetensors_match_the_library(tmp_path):
+    """Our tensor-by-tensor writer produces files safetensors reads back exactly, every dtype the export writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.randn(2, 2, 2, generator=g).half(), "d": torch.arange(5), "e": torch.tensor(1.5),
+               "f": torch.ones(0, 4), "g": torch.randn(4, 6, generator=g).t()}          # non-contiguous
+    E.write_safetensors(tmp_path / "x.safetensors", tensors, {"k": "v"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
 
 
 @pytest.mark.parametrize("text,size", [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("64KiB", 65536), ("1234", 1234),
