@@ -45,7 +45,7 @@ def _add_memory(sub) -> None:
                    help="attention implementation (eager adds the s^2 attention matrices)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="compute / 16-bit weight dtype")
     p.add_argument("--sweep", action="store_true", help="also print peak memory over LoRA rank x sequence length")
-    p.add_argument("--steps", type=int, default=None, help="steps to run with --measure / --simulate (after one untracked warm-up step; default 1)")
+    p.add_argument("--steps", type=int, default=None, help="steps to run with --measure / --simulate (optimizer states primed first; default 1)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--measure", action="store_true", help="run real steps on this device and report measured peaks")
     mode.add_argument("--simulate", action="store_true", help="run one step on fake tensors (no weights, no GPU)")

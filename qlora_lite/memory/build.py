@@ -100,7 +100,10 @@ def prepare_for_method(model: nn.Module, st: Settings, *, compute_dtype=None, fa
         targets = st.lora_targets if isinstance(st.lora_targets, str) else list(st.lora_targets)
         add_lora(model, r=st.lora_r, alpha=2.0 * st.lora_r, dropout=st.lora_dropout, targets=targets, dtype=adt)
     if st.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        import warnings
+        with warnings.catch_warnings():  # transformers 5 renames it activation_checkpointing_enable
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model

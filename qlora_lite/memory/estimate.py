@@ -301,7 +301,9 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     # ---- weights and trainable parameters
     if st.method == "qlora":
         nf4 = NF4_BYTES_DQ if st.double_quant else NF4_BYTES
-        c["weights (NF4)"] = f.linear_params * nf4
+        n_linears = sum(g.count for g in f.linears)
+        # per tensor: the 256-entry fp32 code of the second quantization + its offset
+        c["weights (NF4)"] = f.linear_params * nf4 + (n_linears * (256 * 4 + 4) if st.double_quant else 0)
         c["weights (16-bit)"] = non_linear * e
     elif st.method == "full-mixed":
         # fp32 master weights are the model; autocast makes 16-bit copies of every weight the

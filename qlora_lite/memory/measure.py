@@ -158,10 +158,21 @@ def _one_step(model, optimizer, batch, autocast_dtype=None, on_phase=None) -> No
         on_phase("optimizer step")
 
 
-def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, *, warmup: int = 1,
+@torch.no_grad()
+def prime_optimizer(optimizer) -> None:
+    """Create the optimizer states with one step on zero gradients (no forward/backward needed),
+    so the tracked step is a steady-state one: states exist from the previous step."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, *, warmup: int = 0,
                       autocast_dtype=None, progress: bool = False) -> dict:
-    """`warmup` untracked steps (so optimizer states exist, as in a steady-state step), then
-    `steps` steps under the live-tensor tracker; peak per phase over the tracked steps.
+    """Prime the optimizer's states and run `warmup` untracked steps, then `steps` steps under the
+    live-tensor tracker; peak per phase over the tracked steps.
 
     Returns phase -> {"total": bytes, category: bytes}. The model, optimizer and batch may be
     real (CPU) or fake tensors (simulation): the tracker counts storages either way.
@@ -171,6 +182,7 @@ def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, 
         from tqdm import tqdm
         it = tqdm(it, desc="steps", unit="step", leave=False)
     it = iter(it)
+    prime_optimizer(optimizer)
     for _ in range(warmup):
         next(it)
         _one_step(model, optimizer, batch, autocast_dtype)
