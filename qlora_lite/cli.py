@@ -73,7 +73,7 @@ def _add_export(sub) -> None:
     p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip reloading the export and comparing logits (needs ~4 bytes/param of host memory)")
+                   help="skip reloading the export and comparing logits (that needs ~6 bytes/param of memory)")
     p.add_argument("--verify-prompts", type=int, default=2, metavar="N", help="prompts used by the verification")
     p.add_argument("--verify-tokens", type=int, default=16, metavar="N", help="tokens per verification prompt")
     p.add_argument("--device", default="auto", metavar="DEV",

@@ -54,7 +54,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):",
                    "Below is an instruction that describes a task. Write a response")
-INIT_MODIFIES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT inits that also rewrite W0
 
 
 class ExportVerificationError(RuntimeError):

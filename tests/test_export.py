@@ -173,21 +173,31 @@ def test_merged_weight_is_dequantized_nf4_plus_delta(run, tmp_path):
         assert torch.equal(got, want), name
 
 
-def test_export_requantizes_with_the_training_backend(llama_run, tmp_path):
-    """config.yaml's quant.backend is honoured: the merge equals load_model(backend=...)'s weights bit for bit.
+@pytest.mark.parametrize("backend,double_quant", [("torch", True), ("bnb", False)])
+def test_export_requantizes_with_the_training_settings(llama_run, tmp_path, backend, double_quant):
+    """The checkpoint's config.yaml (as the trainer writes it) is honoured: the merge equals
+    load_model(backend=..., double_quant=...)'s dequantized weights + delta, bit for bit.
 
-    It matters: the 4-bit codes of the two backends are identical, but bitsandbytes' 8-bit codes for
+    The backend matters: the 4-bit codes of the two are identical, but bitsandbytes' 8-bit codes for
     the double-quantized constants break near-ties differently in a few blocks (tests/test_nf4.py).
     """
     from qlora_lite.adapter import load_adapter
+    from qlora_lite.config import Config, save_config
+    from qlora_lite.quantize import bnb_available
+    if backend == "bnb" and not bnb_available():
+        pytest.skip("bitsandbytes is not importable here")
     base, adapter, _ = llama_run
     ck = tmp_path / "ck"
     shutil.copytree(adapter, ck)
-    (ck / "config.yaml").write_text("quant:\n  backend: torch\n  double_quant: true\n  skip_modules: [lm_head]\n")
+    cfg = Config()
+    cfg.model.name_or_path = base
+    cfg.quant.backend, cfg.quant.double_quant = backend, double_quant
+    save_config(cfg, ck / "config.yaml")
     report = E.export_merged(ck, tmp_path / "t", dtype="fp32", verify=False, progress=False)
-    assert report.quant["backend"] == "torch" and report.quant["source"] == "config.yaml"
-    model, _ = ql.load_model(base, quantize="nf4", backend="torch", compute_dtype="fp32", device="cpu",
-                             load_tokenizer=False)
+    assert report.quant["source"] == "config.yaml"
+    assert (report.quant["backend"], report.quant["double_quant"]) == (backend, double_quant)
+    model, _ = ql.load_model(base, quantize="nf4", backend=backend, double_quant=double_quant, compute_dtype="fp32",
+                             device="cpu", load_tokenizer=False)
     load_adapter(model, ck)
     sd = _read_all(tmp_path / "t")
     for name, layer in lora_layers(model):
