@@ -242,7 +242,7 @@ class _Plan:
     quant_targets: set[str]         # modules whose weight was NF4 during training
     conv1d: set[str]                # modules whose weight is stored [in, out]
     embeddings: set[str]            # nn.Embedding modules
-    tied: set[str]                  # parameter names that share storage with another (tied embeddings)
+    tie_groups: dict[str, tuple[str, ...]]  # tied parameter name -> every name sharing its storage
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unique param name -> shape
 
 
@@ -255,23 +255,25 @@ def _plan(weights_dir: Path, settings: QuantSettings, merge_nf4: bool) -> tuple[
         skel.tie_weights()
     all_names = [n for n, _ in skel.named_parameters(remove_duplicate=False)]
     unique = dict(skel.named_parameters())
-    tied = set()
     by_ptr: dict[int, list[str]] = {}
     for n, p in skel.named_parameters(remove_duplicate=False):
         by_ptr.setdefault(id(p), []).append(n)
-    for group in by_ptr.values():
-        if len(group) > 1:
-            tied |= set(group)
+    tie_groups = {n: tuple(g) for g in by_ptr.values() if len(g) > 1 for n in g}
     names = set(all_names) | {n for n, _ in skel.named_buffers()}
     plan = _Plan(
         names=names, prefix=getattr(skel, "base_model_prefix", ""),
         quant_targets=set(quantizable_linears(skel, settings.skip_modules)) if merge_nf4 else set(),
         conv1d={n for n, m in skel.named_modules() if is_conv1d(m)},
         embeddings={n for n, m in skel.named_modules() if isinstance(m, torch.nn.Embedding)},
-        tied=tied, expected={n: tuple(p.shape) for n, p in unique.items()},
+        tie_groups=tie_groups, expected={n: tuple(p.shape) for n, p in unique.items()},
     )
     del skel
     return plan, config
+
+
+def _untied(deltas: dict[str, LoraDelta], plan: _Plan) -> list[str]:
+    """Tied weights the adapter changes on one side only: the export stores them separately."""
+    return sorted({n for n, g in plan.tie_groups.items() if any(m.rpartition(".")[0] in deltas for m in g)})
 
 
 def _check_deltas(deltas: dict[str, LoraDelta], plan: _Plan, where: str) -> None:
@@ -279,9 +281,6 @@ def _check_deltas(deltas: dict[str, LoraDelta], plan: _Plan, where: str) -> None
         wname = f"{path}.weight"
         if wname not in plan.expected and wname not in plan.names:
             raise UserError(f"{where}: adapter module {path!r} is not in the base model (wrong base model?)")
-        if wname in plan.tied:
-            raise UserError(f"{where}: adapter module {path!r} has a weight tied to another module; merging it "
-                            f"would change both (untie the embeddings before training)")
         transpose = path in plan.conv1d or d.embedding
         out_in = (d.B.shape[0], d.A.shape[1])
         shape = plan.expected.get(wname)
@@ -314,41 +313,45 @@ def merged_tensors(weights_dir: Path, plan: _Plan, deltas: dict[str, LoraDelta],
         from tqdm import tqdm
         items = bar = tqdm(items, total=total, desc="merging", unit="tensor", leave=False)
     seen, used = set(), set()
+    untied = set(_untied(deltas, plan))
+
+    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
+        mod, _, attr = name.rpartition(".")
+        delta = deltas.get(mod) if attr == "weight" else None
+        if not t.is_floating_point():
+            return t
+        transpose = mod in plan.conv1d
+        if attr == "weight" and mod in plan.quant_targets:
+            # Exactly what load_model builds for training: same class, backend and settings.
+            q = Linear4bit.from_weight(t, transpose=transpose, compute_dtype=torch.float32,
+                                       backend=settings.backend, double_quant=settings.double_quant, device=device)
+            w = q.dequantize(torch.float32).cpu()                      # [out, in]
+            w = w.t() if transpose else w                              # back to the checkpoint layout
+        elif delta is not None:
+            w = t.float()
+        else:
+            return t.to(dtype)        # the same tensor when the dtype already matches: no copy
+        if delta is not None:
+            w = w + delta.delta(transpose=transpose or delta.embedding)
+            used.add(mod)
+        return w.to(dtype).contiguous()
+
     try:
         with torch.no_grad():
             for key, t in items:
                 name = _param_name(key, plan.names, plan.prefix)
                 if name is None or name in seen:
                     continue   # e.g. a stale buffer in an old checkpoint, which the model ignores too
-                seen.add(name)
-                mod, _, attr = name.rpartition(".")
-                delta = deltas.get(mod) if attr == "weight" else None
-                if not t.is_floating_point():
-                    yield name, t
-                    continue
-                transpose = mod in plan.conv1d
-                if attr == "weight" and mod in plan.quant_targets:
-                    # Exactly what load_model builds for training: same class, backend and settings.
-                    q = Linear4bit.from_weight(t, transpose=transpose, compute_dtype=torch.float32,
-                                               backend=settings.backend, double_quant=settings.double_quant,
-                                               device=device)
-                    w = q.dequantize(torch.float32).cpu()                      # [out, in]
-                    w = w.t() if transpose else w                              # back to the checkpoint layout
-                    del q
-                elif delta is not None:
-                    w = t.float()
-                else:
-                    yield name, t.to(dtype)        # the same tensor when the dtype already matches: no copy
-                    continue
-                if delta is not None:
-                    w = w + delta.delta(transpose=transpose or delta.embedding)
-                    used.add(mod)
-                yield name, w.to(dtype).contiguous()
-                del w, t
+                # A tied weight the adapter changes on one side only (e.g. LoRA on the input embedding,
+                # whose lm_head reads the raw weight): every name of the group is written separately.
+                for n in plan.tie_groups[name] if name in untied else (name,):
+                    seen.add(n)
+                    yield n, convert(n, t)
+                del t
     finally:
         if bar is not None:
             bar.close()
-    missing = sorted(n for n in plan.expected if n not in seen and not (n in plan.tied and plan.tied & seen))
+    missing = sorted(n for n in plan.expected if n not in seen and not set(plan.tie_groups.get(n, ())) & seen)
     if missing:
         raise UserError(f"{weights_dir}: checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
     unused = sorted(set(deltas) - used)
@@ -536,6 +539,7 @@ class ExportReport:
     shards: list[str]                         # weight files written
     total_bytes: int                          # bytes of tensors written
     merged_modules: int                       # modules that received a LoRA delta
+    untied: list[str] = field(default_factory=list)  # tied weights written separately (adapter on one side only)
     verified: bool = False                    # the reload + logit comparison ran and passed
     prompts: int = 0                          # verification prompts
     tokens: int = 0                           # tokens per verification prompt (at most)
@@ -554,6 +558,8 @@ class ExportReport:
         lines = [f"exported {self.out}  ({self.dtype}, {len(self.shards)} shard{'s' * (len(self.shards) != 1)}, "
                  f"{_human_bytes(self.total_bytes)}, {self.merged_modules} merged modules, {self.seconds:.1f} s)",
                  f"merge base: {self.merge_base}: {base_desc} from {self.merge_base_path}"]
+        if self.untied:
+            lines.append(f"untied: {', '.join(self.untied)} (the adapter changes only one of these tied weights)")
         if not self.verified:
             lines.append("verification: skipped (--no-verify)")
             return "\n".join(lines)
@@ -573,13 +579,17 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _copy_side_files(tmp: Path, checkpoint: Path, base_dir: Path | None, config, dtype: torch.dtype) -> None:
+def _copy_side_files(tmp: Path, checkpoint: Path, base_dir: Path | None, config, dtype: torch.dtype,
+                     untie: bool) -> None:
     """config.json (no quantization_config, the export dtype), generation_config.json and tokenizer files."""
     import copy
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
     cfg.dtype = dtype
+    if untie:
+        for c in (cfg, cfg.get_text_config()):
+            c.tie_word_embeddings = False
     cfg.save_pretrained(str(tmp))
     gen_src = next((d / "generation_config.json" for d in (checkpoint, base_dir)
                     if d is not None and (d / "generation_config.json").is_file()), None)
@@ -713,13 +723,14 @@ def export_merged(
         for name, t in merged_tensors(weights_dir, plan, deltas, settings, torch_dtype, progress, qdevice):
             writer.add(name, t)
         shards = writer.finish()
-        _copy_side_files(tmp, checkpoint, base_dir if base_dir.is_dir() else None, config, torch_dtype)
+        untied = _untied(deltas, plan)
+        _copy_side_files(tmp, checkpoint, base_dir if base_dir.is_dir() else None, config, torch_dtype, bool(untied))
         from . import __version__
         report = ExportReport(
             out=str(out), checkpoint=str(checkpoint), base_model=str(base_dir), merge_base=merge_base,
             merge_base_path=str(weights_dir), dtype=dtype, quant=asdict(settings), quantized_on=str(qdevice),
             shards=shards,
-            total_bytes=writer.total_bytes, merged_modules=len(deltas))
+            total_bytes=writer.total_bytes, merged_modules=len(deltas), untied=untied)
         big = n_params > 50_000_000
         del writer
         _collect(big)

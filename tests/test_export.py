@@ -383,3 +383,21 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(ql.UserError):
         E.parse_size(text)
+
+
+def test_lora_on_a_tied_input_embedding_exports_untied(gpt2_run, tmp_path):
+    """GPT-2 ties lm_head to wte; an adapter on wte changes the input side only, so the export unties them."""
+    base, _, _ = gpt2_run
+    model, _ = ql.load_model(base, quantize="nf4", compute_dtype="fp32", device="cpu", load_tokenizer=False)
+    ql.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wte", "c_attn"])
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].normal_(std=0.05)
+            layer.lora_A["default"].normal_(std=0.05)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path=base)
+    report = E.export_merged(tmp_path / "ad", tmp_path / "m", dtype="fp32", progress=False)
+    assert report.untied == ["lm_head.weight", "transformer.wte.weight"] and report.verified
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    sd = _read_all(tmp_path / "m")
+    assert not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    assert (_logits(_reload(tmp_path / "m")) - _logits(model)).abs().max().item() < LOGIT_TOL["fp32"]
