@@ -182,3 +182,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(small_model_
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sigint_and_sigterm_are_turned_into_a_clean_stop():
+    import signal
+    from qlora_lite.train import StopSignal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with StopSignal() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.received == sig          # no KeyboardInterrupt: the loop saves, then exits
+        with StopSignal() as stop:
+            os.kill(os.getpid(), sig)
+            with pytest.raises(KeyboardInterrupt):   # a second signal stops at once
+                os.kill(os.getpid(), sig)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
