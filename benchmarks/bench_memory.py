@@ -29,31 +29,39 @@ def _write(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def simulation_rows(models=("llama-2-7b", "llama-3-8b"), methods=("full", "lora", "qlora"), seq_len=512,
-                    batch_size=1, lora_r=16, out=None):
-    """Estimate vs simulation, bf16, paged AdamW 32-bit, checkpointing on: the same settings both ways."""
+# (model, method, seq_len, batch_size, checkpointing): the first six are the headline comparison;
+# the last two stress the activation count (long sequences, with and without checkpointing).
+SIM_CASES = [
+    ("llama-2-7b", "full", 512, 1, True), ("llama-2-7b", "lora", 512, 1, True), ("llama-2-7b", "qlora", 512, 1, True),
+    ("llama-3-8b", "full", 512, 1, True), ("llama-3-8b", "lora", 512, 1, True), ("llama-3-8b", "qlora", 512, 1, True),
+    ("llama-2-7b", "qlora", 2048, 2, False), ("llama-2-7b", "qlora", 2048, 2, True),
+]
+
+
+def simulation_rows(cases=SIM_CASES, lora_r=16, out=None):
+    """Estimate vs simulation, bf16, paged AdamW 32-bit, LoRA on all linears, no dropout:
+    the same settings both ways; the estimate without CUDA context (the tracker sees tensors)."""
     from qlora_lite.memory.simulate import simulate
     rows = []
-    for m in models:
-        for meth in methods:
-            st = Settings(method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, grad_ckpt=True,
-                          dtype="bf16", optimizer="paged_adamw_32bit", device="cpu")
-            est = estimate_memory(m, **{k: v for k, v in st.__dict__.items()})
-            t = time.time()
-            sim = simulate(m, st, steps=1)
-            row = dict(model=m, method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r,
-                       estimate_gib=est.tensor_peak_bytes / GiB, estimate_phase=est.peak_phase,
-                       simulate_gib=sim.peak_bytes / GiB, simulate_phase=sim.peak_phase,
-                       ratio=est.tensor_peak_bytes / sim.peak_bytes, seconds=time.time() - t,
-                       simulate_phases={k: {c: v / GiB for c, v in d.items()} for k, d in sim.phases.items()},
-                       estimate_phases={k: {c: v / GiB for c, v in d.items() if v} for k, d in est.phases.items()})
-            print(f"{m:12s} {meth:6s} estimate {row['estimate_gib']:7.2f} GiB ({est.peak_phase})  "
-                  f"simulate {row['simulate_gib']:7.2f} GiB ({sim.peak_phase})  ratio {row['ratio']:.3f}  "
-                  f"[{row['seconds']:.0f}s]", flush=True)
-            rows.append(row)
-            if out is not None:
-                out["simulation"] = rows
-                _write(RESULTS / "memory_bench.json", out)
+    for m, meth, seq_len, batch_size, ckpt in cases:
+        st = Settings(method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, grad_ckpt=ckpt,
+                      dtype="bf16", optimizer="paged_adamw_32bit", device="cpu", lora_dropout=0.0)
+        est = estimate_memory(m, **{k: v for k, v in st.__dict__.items()})
+        t = time.time()
+        sim = simulate(m, st, steps=1)
+        row = dict(model=m, method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, grad_ckpt=ckpt,
+                   estimate_gib=est.tensor_peak_bytes / GiB, estimate_phase=est.peak_phase,
+                   simulate_gib=sim.peak_bytes / GiB, simulate_phase=sim.peak_phase,
+                   ratio=est.tensor_peak_bytes / sim.peak_bytes, seconds=time.time() - t,
+                   simulate_phases={k: {c: v / GiB for c, v in d.items()} for k, d in sim.phases.items()},
+                   estimate_phases={k: {c: v / GiB for c, v in d.items() if v} for k, d in est.phases.items()})
+        print(f"{m:12s} {meth:6s} s{seq_len} b{batch_size} ckpt={ckpt!s:5s} estimate {row['estimate_gib']:7.2f} GiB "
+              f"({est.peak_phase})  simulate {row['simulate_gib']:7.2f} GiB ({sim.peak_phase})  "
+              f"ratio {row['ratio']:.3f}  [{row['seconds']:.0f}s]", flush=True)
+        rows.append(row)
+        if out is not None:
+            out["simulation"] = rows
+            _write(RESULTS / "memory_bench.json", out)
     return rows
 
 
@@ -128,10 +136,29 @@ def published_rows():
     return rows
 
 
+def markdown_tables(out: dict) -> str:
+    """The README tables, from the results JSON."""
+    lines = ["| model | method | seq x batch | ckpt | estimate GiB (phase) | simulated GiB (phase) | est / sim |",
+             "|---|---|---|---|---|---|---|"]
+    for r in out.get("simulation", []):
+        lines.append(f"| {r['model']} | {r['method']} | {r['seq_len']} x {r['batch_size']} | "
+                     f"{'on' if r.get('grad_ckpt', True) else 'off'} | {r['estimate_gib']:.2f} ({r['estimate_phase']}) | "
+                     f"{r['simulate_gib']:.2f} ({r['simulate_phase']}) | {r['ratio']:.3f} |")
+    lines += ["", "| source | figure | published | our estimate | est / published | settings |", "|---|---|---|---|---|---|"]
+    for r in out.get("published", []):
+        lines.append(f"| {r['source']} | {r['what']} | {r['published']} | {r['estimate_bytes'] / 1e9:.2f} GB "
+                     f"({r['estimate_bytes'] / GiB:.2f} GiB) | {r['ratio']:.2f} | {r['settings']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["published", "simulation"], default=None)
+    ap.add_argument("--tables", action="store_true", help="print the README tables from the saved results and exit")
     a = ap.parse_args(argv)
+    if a.tables:
+        print(markdown_tables(json.loads((RESULTS / "memory_bench.json").read_text())))
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "memory_bench.json"
     out = json.loads(path.read_text()) if path.exists() else {}
@@ -144,6 +171,12 @@ def main(argv=None) -> int:
     ests = {m: estimate_memory("llama-2-7b", method=m, seq_len=512, batch_size=1, lora_r=16)
             for m in ("full", "full-mixed", "lora", "qlora")}
     write_plot(ests, RESULTS / "memory_llama-2-7b.png", gpu_gb=24.0, title="Llama-2-7B, seq 512, batch 1, r16")
+    sims = {r["method"]: {"peak_bytes": r["simulate_gib"] * GiB} for r in out.get("simulation", [])
+            if r["model"] == "llama-2-7b" and r["seq_len"] == 2048 and r.get("grad_ckpt")}
+    ests = {m: estimate_memory("llama-2-7b", method=m, seq_len=2048, batch_size=2, lora_r=16, lora_dropout=0.0)
+            for m in ("lora", "qlora")}
+    write_plot(ests, RESULTS / "memory_llama-2-7b-adapters.png", gpu_gb=24.0, measured=sims,
+               title="Llama-2-7B adapters, seq 2048, batch 2, r16")
     return 0
 
 

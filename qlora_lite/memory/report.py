@@ -179,7 +179,7 @@ def write_plot(ests: dict[str, MemoryEstimate], path, *, gpu_gb: float | None = 
     import matplotlib.pyplot as plt
 
     methods = list(ests)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(methods), 5))
+    fig, ax = plt.subplots(figsize=(4.2 + 1.5 * len(methods), 5))
     bottoms = [0.0] * len(methods)
     cmap = plt.get_cmap("tab10")
     for i, cat in enumerate(CATEGORIES):
@@ -193,14 +193,14 @@ def write_plot(ests: dict[str, MemoryEstimate], path, *, gpu_gb: float | None = 
     if measured:
         xs = [j for j, m in enumerate(methods) if m in measured]
         ax.scatter(xs, [measured[methods[j]]["peak_bytes"] / GiB for j in xs], marker="D", color="black",
-                   zorder=5, label="measured / simulated peak")
+                   zorder=5, label="measured / simulated peak (tensors only)")
     if gpu_gb:
         ax.axhline(gpu_gb, color="red", linestyle="--", linewidth=1)
-        ax.text(len(methods) - 0.5, gpu_gb, f"{gpu_gb:g} GiB GPU", color="red", ha="right", va="bottom", fontsize=8)
+        ax.text(-0.45, gpu_gb, f"{gpu_gb:g} GiB GPU", color="red", ha="left", va="bottom", fontsize=8)
     ax.set_xticks(range(len(methods)), [METHOD_LABEL.get(m, m) for m in methods])
     ax.set_ylabel("GiB at the peak phase")
     ax.set_title(title or "training memory by category")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
