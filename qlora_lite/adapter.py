@@ -40,7 +40,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str = "default", base_model
         "use_rslora": hp["use_rslora"],
         # Exact module paths (anchored regex) rather than suffixes, so PEFT wraps exactly what we did.
         "target_modules": "^(" + "|".join(sorted(n.replace(".", r"\.") for n, _ in layers)) + ")$",
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        # GPT-2's Conv1D layers: PEFT must transpose when merging, also when ours were quantized
+        "fan_in_fan_out": any(m.fan_in_fan_out or getattr(m.base, "from_conv1d", False) for _, m in layers),
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,

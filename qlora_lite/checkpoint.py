@@ -5,6 +5,7 @@ A checkpoint is a folder ``<output.dir>/checkpoint-<step>`` holding
     adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's layout (exportable as is)
     training_state.pt                                optimizer, scheduler, RNG states, data position, step
     config.yaml                                      the resolved training config
+    tokenizer files                                  as trained (a data.chat_template override included)
 
 It is written into a hidden temp folder and renamed into place, so a crash mid-save never
 leaves a half-written checkpoint that looks complete, and the previous one is untouched. Only
@@ -49,7 +50,7 @@ def _as_tuple(x):
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, sampler_state: dict, cfg,
-                    base_model: str, extra: dict | None = None, keep_last: int = 0) -> Path:
+                    base_model: str, tokenizer=None, extra: dict | None = None, keep_last: int = 0) -> Path:
     """Write checkpoint-<step> atomically, then prune to ``keep_last`` (0 keeps all). Returns its path."""
     from .config import save_config
 
@@ -61,6 +62,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, sa
                     "sampler": dict(sampler_state), "rng": rng_state(), "extra": extra or {}},
                    tmp / STATE_NAME)
         save_config(cfg, tmp / "config.yaml")
+        if tokenizer is not None:       # with any chat template the run used, for export and serving
+            tokenizer.save_pretrained(str(tmp))
 
     _atomic_dir_write(out, write)
     if keep_last > 0:

@@ -55,6 +55,7 @@ class LoRALayer(nn.Module):
         self.disabled = False
         self.merged_adapter: str | None = None
         self.merged_weight: torch.Tensor | None = None  # dense merged weight of a 4-bit base
+        self._premerge_weight: nn.Parameter | None = None  # an embedding's weight before merging
 
     # -- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -99,6 +100,12 @@ class LoRALayer(nn.Module):
         name = self.active_adapter
         if isinstance(self.base, Linear4bit):
             self.merged_weight = (self.base.dequantize(torch.float32) + self.delta_weight(name)).to(self.base.compute_dtype)
+        elif self.is_embedding:
+            # Input embeddings are often tied to lm_head: merge into a new tensor (untying it while
+            # merged) and keep the original to put back, so lm_head never changes.
+            w = self.base.weight
+            self._premerge_weight = w
+            self.base.weight = nn.Parameter((w.float() + self.delta_weight(name)).to(w.dtype), requires_grad=False)
         else:
             w = self.base.weight
             delta = self.delta_weight(name)
@@ -111,6 +118,9 @@ class LoRALayer(nn.Module):
             return
         if isinstance(self.base, Linear4bit):
             self.merged_weight = None               # the 4-bit codes were never touched
+        elif self.is_embedding:
+            self.base.weight = self._premerge_weight   # the original (possibly tied) tensor, exactly
+            self._premerge_weight = None
         else:
             w = self.base.weight
             delta = self.delta_weight(self.merged_adapter)

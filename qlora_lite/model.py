@@ -216,6 +216,7 @@ def load_model(
                 q = Linear4bit(shell.in_features, shell.out_features, bias=shell.bias is not None, compute_dtype=dtype,
                                backend=backend, double_quant=double_quant, device=device)
                 q.load_weight(w.t() if mod_name in transposed else w)
+                q.from_conv1d = mod_name in transposed
                 if shell.bias is not None and shell.bias.device.type != "meta":
                     q.bias = shell.bias
                 set_submodule(model, mod_name, q)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import DQ_BLOCKSIZE, NF4_BLOCKSIZE, NF4State, dequantize_nf4, dynamic_code, quantize_nf4
+from .nf4 import DQ_BLOCKSIZE, NF4_BLOCKSIZE, NF4State, dequantize_nf4, double_quantize, dynamic_code, quantize_nf4
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class Linear4bit(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
         self._bnb_state = None  # cached bitsandbytes QuantState, keyed on the buffers' identity
+        self.from_conv1d = False  # quantized from a GPT-2 Conv1D ([in, out]); stored as [out, in] like any linear
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -123,6 +124,7 @@ class Linear4bit(nn.Module):
         layer = cls(in_features, out_features, bias is not None, compute_dtype=compute_dtype, backend=backend,
                     double_quant=double_quant, device=device)
         layer.load_weight(w)
+        layer.from_conv1d = transpose
         if bias is not None:
             layer.bias.data.copy_(bias.detach().to(device, compute_dtype))
         return layer
@@ -139,20 +141,23 @@ class Linear4bit(nn.Module):
             raise ValueError(f"weight shape {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
         w = w.contiguous()
         if self.backend == "bnb":
+            # bitsandbytes packs the 4-bit codes (byte-identical to nf4.quantize_nf4); the absmax
+            # constants are double-quantized by our exact-nearest code so the stored state is the
+            # same whichever backend or device quantized it (bitsandbytes' 8-bit kernels break
+            # near-ties differently on CPU, and an export must rebuild exactly what was trained).
             import bitsandbytes.functional as bnbF
-            packed, qs = bnbF.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.double_quant,
+            packed, qs = bnbF.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=False,
                                             quant_type="nf4")
-            self.qweight = packed.reshape(-1)
-            self.absmax = qs.absmax
-            if self.double_quant:
-                self.absmax2, self.code2 = qs.state2.absmax.float(), qs.state2.code.float()
-                self.offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=w.device).reshape(())
+            s = NF4State(packed=packed.reshape(-1), absmax=qs.absmax.float(), shape=tuple(w.shape), dtype=w.dtype,
+                         blocksize=self.blocksize)
         else:
-            s = quantize_nf4(w, blocksize=self.blocksize, double_quant=self.double_quant)
-            self.qweight, self.absmax = s.packed, s.absmax
-            if self.double_quant:
-                self.absmax2, self.code2 = s.absmax2, s.code2
-                self.offset = torch.tensor(s.offset, dtype=torch.float32, device=w.device)
+            s = quantize_nf4(w, blocksize=self.blocksize, double_quant=False)
+        if self.double_quant:
+            s = double_quantize(s)
+        self.qweight, self.absmax = s.packed, s.absmax
+        if self.double_quant:
+            self.absmax2, self.code2 = s.absmax2, s.code2
+            self.offset = torch.tensor(s.offset, dtype=torch.float32, device=w.device)
         self._bnb_state = None
 
     # -- views of the stored weight -------------------------------------------------------------

@@ -222,6 +222,9 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
     log(trainable_summary(model))
 
     # -- data ---------------------------------------------------------------------------------
+    if d.chat_template:       # the template the data is rendered with travels with the checkpoints
+        from .data import _resolve_chat_template
+        tok.chat_template = _resolve_chat_template(d)
     train_ds, eval_ds, stats = build_datasets(d, tok, t.seed)
     log(f"data: {stats.summary()}")
     collate = make_collator(tok)
@@ -273,7 +276,7 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
         if main:
             path = save_checkpoint(run_dir, step, model=inner, optimizer=opt, scheduler=sched,
                                    sampler_state=sampler.state_dict(), cfg=cfg, base_model=mc.name_or_path,
-                                   keep_last=t.keep_last)
+                                   tokenizer=tok, keep_last=t.keep_last)
         acc.wait_for_everyone()
         return path
 

@@ -88,12 +88,15 @@ def _train_with_peft(kind: str, base: str, out: Path, **lora_kw):
 
 @needs_bnb
 def test_qlora_adapter_loads_in_peft_on_the_bnb_4bit_base(kind_base, tmp_path):
-    """Same NF4 codes, same LoRA math: PEFT on a bitsandbytes 4-bit model reproduces our logits exactly."""
+    """Same NF4 codes, same LoRA math: PEFT on a bitsandbytes 4-bit model reproduces our logits.
+
+    Not bit for bit: bitsandbytes' CPU kernel rounds ~0.1% of the 8-bit double-quant constants to
+    the second-nearest code, where ours always takes the nearest (see test_nf4), a ~1e-4 effect."""
     from peft import PeftModel
     kind, base = kind_base
     ours = _train_here(base, tmp_path / "ad", quantize="nf4")
     theirs = PeftModel.from_pretrained(_hf(base, four_bit=True), str(tmp_path / "ad"))
-    assert (_logits(theirs) - _logits(ours)).abs().max().item() <= 1e-6
+    assert (_logits(theirs) - _logits(ours)).abs().max().item() <= 5e-4
     with ql.disable_adapters(ours):   # and the adapter is not a no-op
         assert (_logits(theirs) - _logits(ours)).abs().max().item() > 1e-3
 

@@ -178,6 +178,22 @@ def test_embedding_lora(tiny_llama_dir):
     assert not torch.allclose(base, changed)
 
 
+def test_merging_a_tied_embedding_leaves_lm_head_alone(tiny_gpt2_dir):
+    model, _ = ql.load_model(tiny_gpt2_dir, quantize=None, load_tokenizer=False)
+    lm_head = model.lm_head.weight.detach().clone()
+    ql.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wte"])
+    nn.init.normal_(model.transformer.wte.lora_A["default"])
+    model.eval()
+    with torch.no_grad():
+        unmerged = _logits(model)
+        ql.merge_lora(model)
+        torch.testing.assert_close(_logits(model), unmerged, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model.lm_head.weight, lm_head)
+        ql.unmerge_lora(model)
+        assert torch.equal(_logits(model), unmerged)
+    assert model.lm_head.weight is model.transformer.wte.base.weight     # tied again
+
+
 def test_targets_regex_and_suffix_list(tiny_llama_dir):
     model, _ = ql.load_model(tiny_llama_dir, load_tokenizer=False)
     ql.add_lora(model, r=2, alpha=4, targets=r".*layers\.1\.self_attn\.(q|v)_proj")
