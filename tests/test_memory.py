@@ -177,6 +177,9 @@ def test_cli_config_json_and_model_dir(tmp_path, capsys):
     assert main(["memory", str(tmp_path / "config.json"), "--method", "qlora"]) == 0
     assert main(["memory", str(tmp_path), "--method", "lora"]) == 0
     assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert main(["memory", str(tmp_path / "config.json"), "--simulate", "--method", "lora", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "simulated peak" in out and "estimate / simulated" in out
 
 
 def test_cli_training_yaml_uses_its_settings(capsys):

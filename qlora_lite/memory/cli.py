@@ -175,7 +175,8 @@ def cli_memory(args) -> int:
 
     from .report import format_sweep, format_table, sweep, verdict, write_json, write_plot
     verdicts = {m: verdict(facts, e, args.gpu_gb) for m, e in ests.items()} if args.gpu_gb else None
-    print(format_table(facts, ests, measured=measured, verdicts=verdicts))
+    print(format_table(facts, ests, measured=measured, verdicts=verdicts,
+                       measured_label="simulated" if args.simulate else "measured"))
     sweeps = None
     if getattr(args, "sweep", False):
         sweeps = [sweep(facts, replace(base, method=m)) for m in methods if m in ("lora", "qlora")]

@@ -301,9 +301,8 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     # ---- weights and trainable parameters
     if st.method == "qlora":
         nf4 = NF4_BYTES_DQ if st.double_quant else NF4_BYTES
-        n_linears = sum(g.count for g in f.linears)
-        # per tensor: the 256-entry fp32 code of the second quantization + its offset
-        c["weights (NF4)"] = f.linear_params * nf4 + (n_linears * (256 * 4 + 4) if st.double_quant else 0)
+        # (the 256-entry code of the second quantization is one tensor shared by all layers)
+        c["weights (NF4)"] = f.linear_params * nf4
         c["weights (16-bit)"] = non_linear * e
     elif st.method == "full-mixed":
         # fp32 master weights are the model; autocast makes 16-bit copies of every weight the
@@ -416,7 +415,7 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
                      f"{st.allocator_overhead:.0%} of the tensor peak (configurable constants)")
     for p in phases.values():
         p["CUDA context + allocator"] = overhead
-    if not f.gated_mlp or f.model_type not in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"):
+    if not f.gated_mlp or f.model_type not in ("llama", "mistral", "qwen2"):
         notes.append(f"activations use the Llama-style count; {f.model_type} is approximate")
     if st.method == "qlora":
         notes.append("frozen 4-bit linears keep no input (bitsandbytes >= 0.45 saves only the packed "

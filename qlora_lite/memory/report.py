@@ -75,7 +75,7 @@ def verdict(f: ModelFacts, est: MemoryEstimate, gpu_gb: float) -> dict:
 
 # ------------------------------------------------------------------------------ table
 def format_table(f: ModelFacts, ests: dict[str, MemoryEstimate], *, measured: dict | None = None,
-                 verdicts: dict | None = None) -> str:
+                 verdicts: dict | None = None, measured_label: str = "measured") -> str:
     """Rows = categories at each method's peak phase; columns = methods."""
     methods = list(ests)
     div, unit = _unit(max(e.peak_bytes for e in ests.values()))
@@ -104,9 +104,9 @@ def format_table(f: ModelFacts, ests: dict[str, MemoryEstimate], *, measured: di
         lines.append(f"{'  pageable to host RAM':<{w0}}" + "".join(
             f"{_num(ests[m].pageable_bytes, div) if ests[m].pageable_bytes else '-':>{w}}" for m in methods))
     if measured:
-        lines.append(f"{'measured peak':<{w0}}" + "".join(
+        lines.append(f"{measured_label + ' peak':<{w0}}" + "".join(
             f"{(_num(measured[m]['peak_bytes'], div) if m in measured else '-'):>{w}}" for m in methods))
-        lines.append(f"{'  estimate / measured':<{w0}}" + "".join(
+        lines.append(f"{'  estimate / ' + measured_label:<{w0}}" + "".join(
             f"{(format(ests[m].tensor_peak_bytes / measured[m]['peak_bytes'], '.3f') if m in measured else '-'):>{w}}"
             for m in methods))
     lines.append(f"{'trainable params':<{w0}}" + "".join(f"{human_params(ests[m].trainable_params):>{w}}"
