@@ -77,7 +77,8 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
                           attn_implementation=st.attn_impl, load_tokenizer=False)
     # already quantized by the loader: prepare only freezes / adds adapters / checkpointing
     prepare_for_method(model, replace(st, method="lora" if st.method == "qlora" else st.method))
-    opt = make_optimizer(model.parameters(), st.optimizer)
+    # bitsandbytes pages only CUDA memory; on CPU the paged optimizers are the plain ones (same states)
+    opt = make_optimizer(model.parameters(), st.optimizer.replace("paged_", "") if device == "cpu" else st.optimizer)
     batch = make_batch(model.config.vocab_size, st.batch_size, st.seq_len, device)
     t0 = time.time()
     reserved = 0.0

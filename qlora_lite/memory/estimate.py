@@ -124,6 +124,11 @@ class MemoryEstimate:
     notes: list = field(default_factory=list)  # assumptions worth reading
 
     @property
+    def peak(self) -> float:
+        """Same as peak_bytes."""
+        return self.peak_bytes
+
+    @property
     def categories(self) -> dict:
         """Bytes per category at the peak phase."""
         return self.phases[self.peak_phase]

@@ -10,7 +10,7 @@ from pathlib import Path
 from .estimate import CATEGORIES, GiB, MiB, MemoryEstimate, Settings, _estimate
 from .arch import ModelFacts
 
-METHOD_LABEL = {"full": "full (bf16)", "full-mixed": "full (mixed)", "lora": "LoRA", "qlora": "QLoRA"}
+METHOD_LABEL = {"full": "full", "full-mixed": "full (mixed)", "lora": "LoRA", "qlora": "QLoRA"}
 
 
 def _unit(max_bytes: float) -> tuple[float, str]:
