@@ -57,7 +57,7 @@ def estimate_for_train_config(cfg) -> MemoryEstimate:
 def _is_local_model(spec: str) -> bool:
     p = Path(spec)
     d = p if p.is_dir() else p.parent
-    return p.exists() and any(d.glob("*.safetensors")) or any(d.glob("*.bin"))
+    return p.exists() and (any(d.glob("*.safetensors")) or any(d.glob("*.bin")))
 
 
 # ------------------------------------------------------------------------------ measure
@@ -69,12 +69,14 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
 
     from ..model import load_model
     from .build import prepare_for_method
-    from .measure import Measurement, make_batch, make_optimizer, run_cuda_steps, run_tracked_steps
+    from .measure import Measurement, make_batch, make_optimizer, run_cuda_steps, run_tracked_steps, split_static
 
     device = "cuda" if st.device == "cuda" else "cpu"
+    mixed = st.method == "full-mixed"  # fp32 weights, bf16/fp16 autocast
     model, _ = load_model(model_dir, quantize="nf4" if st.method == "qlora" else None,
-                          double_quant=st.double_quant, compute_dtype=st.dtype, device=device,
+                          double_quant=st.double_quant, compute_dtype="fp32" if mixed else st.dtype, device=device,
                           attn_implementation=st.attn_impl, load_tokenizer=False)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(st.dtype) if mixed else None
     # already quantized by the loader: prepare only freezes / adds adapters / checkpointing
     prepare_for_method(model, replace(st, method="lora" if st.method == "qlora" else st.method))
     # bitsandbytes pages only CUDA memory; on CPU the paged optimizers are the plain ones (same states)
@@ -83,10 +85,15 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
     t0 = time.time()
     reserved = 0.0
     if device == "cuda":
-        peaks, reserved = run_cuda_steps(model, opt, batch, steps=steps + 1)
+        peaks, reserved = run_cuda_steps(model, opt, batch, steps=steps + 1, autocast_dtype=autocast)
+        # the allocator knows totals only: split off what the model and optimizer hold
+        static = split_static(model, opt)
+        for p in peaks.values():
+            p.update(static)
+            p["activations + transient"] = p["total"] - sum(static.values())
         where = f"cuda ({torch.cuda.get_device_name()})"
     else:
-        peaks = run_tracked_steps(model, opt, batch, steps=steps, progress=progress)
+        peaks = run_tracked_steps(model, opt, batch, steps=steps, progress=progress, autocast_dtype=autocast)
         where = "cpu (MemTracker)"
     phase = max(peaks, key=lambda k: peaks[k]["total"])
     return Measurement(device=where, method=st.method, steps=steps, phases=peaks, peak_phase=phase,

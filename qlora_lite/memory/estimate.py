@@ -350,12 +350,8 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     first = layer_activation_bytes(f, st, adapted, first_layer=True)
     act_no_ckpt = (f.num_layers - 1) * per_layer + first + outer
     act_ckpt_fwd = f.num_layers * layer_in + outer
-    if st.grad_ckpt:
-        act_fwd = act_ckpt_fwd
-        act_bwd = act_ckpt_fwd + per_layer  # one layer recomputed at a time
-    else:
-        act_fwd = act_bwd = act_no_ckpt
-    act_ckpt = act_ckpt_fwd + per_layer
+    act_fwd = act_ckpt_fwd if st.grad_ckpt else act_no_ckpt
+    act_ckpt = act_ckpt_fwd + per_layer  # + one layer recomputed at a time in backward
     bwd_transient = layer_backward_transient(f, st)
     lg = logits_bytes(f, st)
 
@@ -365,8 +361,8 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     foreach = st.foreach_optimizer if st.foreach_optimizer is not None else st.device == "cuda"
     if st.optimizer in ("adamw", "adamw_torch"):
         # torch AdamW: foreach computes sqrt(exp_avg_sq) for all params at once (one state-sized
-        # temporary); the per-parameter loop only for the largest tensor.
-        # sqrt(v) / bias_correction makes two temporaries of one tensor at a time in the loop
+        # temporary); the per-parameter loop makes sqrt(v) and sqrt(v) / bias_correction for one
+        # tensor at a time (two temporaries of the largest tensor)
         step_tmp = (trainable if foreach else 2 * max(sizes, default=0)) * pbytes
     else:
         step_tmp = 0.0  # bitsandbytes updates in place, in one fused kernel per tensor
@@ -423,8 +419,8 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     if not f.gated_mlp or f.model_type not in ("llama", "mistral", "qwen2"):
         notes.append(f"activations use the Llama-style count; {f.model_type} is approximate")
     if st.method == "qlora":
-        notes.append("frozen 4-bit linears keep no input (bitsandbytes >= 0.45 saves only the packed "
-                     "weight); adapters keep theirs")
+        notes.append("frozen 4-bit linears keep no input (bitsandbytes' matmul_4bit saves only the packed "
+                     "weight; checked with 0.50); adapters keep theirs")
     denom = N + (lora_total if not full else 0)
     return MemoryEstimate(
         model=f.name, settings=asdict(st), total_params=N, trainable_params=trainable,

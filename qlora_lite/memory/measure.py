@@ -213,32 +213,27 @@ class _nullcontext:
         return False
 
 
-def run_cuda_steps(model, optimizer, batch, steps: int = 3, autocast_dtype=None) -> tuple[dict, float]:
-    """Same phases on CUDA from the allocator's statistics (no per-category split beyond
-    parameters/gradients/optimizer states, which are counted from the tensors themselves)."""
+def run_cuda_steps(model, optimizer, batch, steps: int = 1, autocast_dtype=None) -> tuple[dict, float]:
+    """The same phases on CUDA from the caching allocator's statistics: peak allocated per phase
+    over `steps` steady-state steps (optimizer states primed first), and the peak reserved."""
     dev = next(model.parameters()).device
+    prime_optimizer(optimizer)
     torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
     peaks = {"load": {"total": float(torch.cuda.memory_allocated(dev))}}
+    torch.cuda.reset_peak_memory_stats(dev)
+
+    def record(name: str) -> None:
+        torch.cuda.synchronize(dev)
+        tot = float(torch.cuda.max_memory_allocated(dev))
+        if tot >= peaks.get(name, {"total": -1.0})["total"]:
+            peaks[name] = {"total": tot}
+        reserved[0] = max(reserved[0], float(torch.cuda.max_memory_reserved(dev)))
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    reserved = [0.0]
     for _ in range(steps):
-        for name, fn in (("forward", None), ("backward", None), ("optimizer step", None)):
-            torch.cuda.reset_peak_memory_stats(dev)
-            if name == "forward":
-                ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else _nullcontext()
-                with ctx:
-                    out = model(**batch)
-            elif name == "backward":
-                out.loss.backward()
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                del out
-            torch.cuda.synchronize(dev)
-            tot = float(torch.cuda.max_memory_allocated(dev))
-            if tot >= peaks.get(name, {"total": -1})["total"]:
-                peaks[name] = {"total": tot}
-    reserved = float(torch.cuda.max_memory_reserved(dev))
-    return peaks, reserved
+        _one_step(model, optimizer, batch, autocast_dtype, on_phase=record)
+    return peaks, reserved[0]
 
 
 def split_static(model, optimizer) -> dict:

@@ -132,8 +132,11 @@ def format_table(f: ModelFacts, ests: dict[str, MemoryEstimate], *, measured: di
     per = next((e.lora_params_per_matrix for e in ests.values() if e.lora_params_per_matrix), None)
     if per:
         lines.append("")
-        lines.append("LoRA params per adapted matrix (r * (d + k)): " +
-                     ", ".join(f"{k}: {v:,}" for k, v in per.items()))
+        def share(key: str, n: int) -> str:  # key "q_proj 4096x4096": n / (d * k)
+            d, k = (int(x) for x in key.rsplit(" ", 1)[1].split("x"))
+            return f"{n / (d * k):.2%}"
+        lines.append("LoRA params per adapted matrix, r * (d + k) and its share of d * k: " +
+                     ", ".join(f"{k}: {v:,} ({share(k, v)})" for k, v in per.items()))
     notes = sorted({n for e in ests.values() for n in e.notes})
     if notes:
         lines.append("")
