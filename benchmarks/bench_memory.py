@@ -29,35 +29,44 @@ def _write(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# (model, method, seq_len, batch_size, checkpointing): the first six are the headline comparison;
-# the last two stress the activation count (long sequences, with and without checkpointing).
-SIM_CASES = [
-    ("llama-2-7b", "full", 512, 1, True), ("llama-2-7b", "lora", 512, 1, True), ("llama-2-7b", "qlora", 512, 1, True),
-    ("llama-3-8b", "full", 512, 1, True), ("llama-3-8b", "lora", 512, 1, True), ("llama-3-8b", "qlora", 512, 1, True),
-    ("llama-2-7b", "qlora", 2048, 2, False), ("llama-2-7b", "qlora", 2048, 2, True),
+# (model, settings): the first six are the headline comparison (seq 512, batch 1, checkpointing);
+# the rest stress other parts of the count: long sequences without checkpointing, mixed
+# precision, eager attention, 8-bit states with dropout, a sliding-window GQA model.
+SIM_CASES = [(m, dict(method=meth, seq_len=512, batch_size=1)) for m in ("llama-2-7b", "llama-3-8b")
+             for meth in ("full", "lora", "qlora")] + [
+    ("llama-2-7b", dict(method="qlora", seq_len=2048, batch_size=2, grad_ckpt=False)),
+    ("llama-2-7b", dict(method="qlora", seq_len=2048, batch_size=2)),
+    ("llama-2-7b", dict(method="full-mixed", seq_len=512, batch_size=1)),
+    ("llama-2-7b", dict(method="full", seq_len=1024, batch_size=2, grad_ckpt=False)),
+    ("llama-2-7b", dict(method="lora", seq_len=1024, batch_size=1, grad_ckpt=False, attn_impl="eager")),
+    ("llama-3-8b", dict(method="qlora", seq_len=1024, batch_size=4, optimizer="paged_adamw_8bit", lora_dropout=0.1)),
+    ("mistral-7b", dict(method="qlora", seq_len=2048, batch_size=1, grad_ckpt=False)),
 ]
 
 
-def simulation_rows(cases=SIM_CASES, lora_r=16, out=None):
-    """Estimate vs simulation, bf16, paged AdamW 32-bit, LoRA on all linears, no dropout:
-    the same settings both ways; the estimate without CUDA context (the tracker sees tensors)."""
+def simulation_rows(cases=SIM_CASES, out=None):
+    """Estimate vs simulation with the same settings both ways (bf16, LoRA r16 on all linears,
+    paged AdamW 32-bit, checkpointing and no dropout unless the case says otherwise); the
+    estimate without CUDA context and allocator slack, since the tracker sees tensors only."""
     from qlora_lite.memory.simulate import simulate
     rows = []
-    for m, meth, seq_len, batch_size, ckpt in cases:
-        st = Settings(method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, grad_ckpt=ckpt,
-                      dtype="bf16", optimizer="paged_adamw_32bit", device="cpu", lora_dropout=0.0)
+    for m, kw in cases:
+        st = Settings(**{**dict(lora_r=16, grad_ckpt=True, dtype="bf16", optimizer="paged_adamw_32bit",
+                                device="cpu", lora_dropout=0.0), **kw})
         est = estimate_memory(m, **{k: v for k, v in st.__dict__.items()})
         t = time.time()
         sim = simulate(m, st, steps=1)
-        row = dict(model=m, method=meth, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, grad_ckpt=ckpt,
+        extra = ", ".join(f"{k}={v}" for k, v in kw.items() if k not in ("method", "seq_len", "batch_size", "grad_ckpt"))
+        row = dict(model=m, method=st.method, seq_len=st.seq_len, batch_size=st.batch_size, lora_r=st.lora_r,
+                   grad_ckpt=st.grad_ckpt, extra=extra,
                    estimate_gib=est.tensor_peak_bytes / GiB, estimate_phase=est.peak_phase,
                    simulate_gib=sim.peak_bytes / GiB, simulate_phase=sim.peak_phase,
                    ratio=est.tensor_peak_bytes / sim.peak_bytes, seconds=time.time() - t,
                    simulate_phases={k: {c: v / GiB for c, v in d.items()} for k, d in sim.phases.items()},
                    estimate_phases={k: {c: v / GiB for c, v in d.items() if v} for k, d in est.phases.items()})
-        print(f"{m:12s} {meth:6s} s{seq_len} b{batch_size} ckpt={ckpt!s:5s} estimate {row['estimate_gib']:7.2f} GiB "
-              f"({est.peak_phase})  simulate {row['simulate_gib']:7.2f} GiB ({sim.peak_phase})  "
-              f"ratio {row['ratio']:.3f}  [{row['seconds']:.0f}s]", flush=True)
+        print(f"{m:12s} {st.method:10s} s{st.seq_len} b{st.batch_size} ckpt={st.grad_ckpt!s:5s} {extra:30s} "
+              f"estimate {row['estimate_gib']:7.2f} GiB ({est.peak_phase})  simulate {row['simulate_gib']:7.2f} GiB "
+              f"({sim.peak_phase})  ratio {row['ratio']:.3f}  [{row['seconds']:.0f}s]", flush=True)
         rows.append(row)
         if out is not None:
             out["simulation"] = rows
@@ -138,11 +147,12 @@ def published_rows():
 
 def markdown_tables(out: dict) -> str:
     """The README tables, from the results JSON."""
-    lines = ["| model | method | seq x batch | ckpt | estimate GiB (phase) | simulated GiB (phase) | est / sim |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | seq x batch | ckpt | other | estimate GiB (phase) | simulated GiB (phase) | est / sim |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in out.get("simulation", []):
         lines.append(f"| {r['model']} | {r['method']} | {r['seq_len']} x {r['batch_size']} | "
-                     f"{'on' if r.get('grad_ckpt', True) else 'off'} | {r['estimate_gib']:.2f} ({r['estimate_phase']}) | "
+                     f"{'on' if r.get('grad_ckpt', True) else 'off'} | {r.get('extra', '')} | "
+                     f"{r['estimate_gib']:.2f} ({r['estimate_phase']}) | "
                      f"{r['simulate_gib']:.2f} ({r['simulate_phase']}) | {r['ratio']:.3f} |")
     lines += ["", "| source | figure | published | our estimate | est / published | settings |", "|---|---|---|---|---|---|"]
     for r in out.get("published", []):
