@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qlora_lite.memory.arch import build_meta_model, hf_config, model_facts  # noqa: E402
-from qlora_lite.memory.estimate import GiB, MiB, NF4_BYTES_DQ, Settings, estimate_memory  # noqa: E402
+from qlora_lite.memory.estimate import GiB, NF4_BYTES_DQ, Settings, estimate_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,8 +93,6 @@ def published_rows():
     # QLoRA paper: LoRA input gradients 567 MB without checkpointing, 18 MB per sequence with it.
     # With checkpointing a layer keeps its input: L * s * h * 2 bytes; 18 MB <=> s ~ 69 tokens.
     s = round(18e6 / (f7.num_layers * f7.hidden_size * 2))
-    e_ck = estimate_memory(f7, method="qlora", seq_len=s, batch_size=1, lora_r=16, grad_ckpt=True, device="cpu",
-                           lora_targets="all-linear", lora_dropout=0.1)
     e_no = estimate_memory(f7, method="qlora", seq_len=s, batch_size=1, lora_r=16, grad_ckpt=False, device="cpu",
                            lora_targets="all-linear", lora_dropout=0.1)
     ck_layers = f7.num_layers * s * f7.hidden_size * 2
@@ -106,7 +104,7 @@ def published_rows():
                      settings=f"batch 1, seq {s}, LoRA r16 all linears, dropout 0.1, sdpa"))
     e_eager = estimate_memory(f7, method="qlora", seq_len=s, batch_size=1, lora_r=16, grad_ckpt=False, device="cpu",
                               lora_dropout=0.1, attn_impl="eager")
-    rows.append(dict(source="QLoRA paper §2", what=f"same, eager attention (2023 transformers)",
+    rows.append(dict(source="QLoRA paper §2", what="same, eager attention (2023 transformers)",
                      published="567 MB", published_bytes=567e6, estimate_bytes=e_eager.activations_no_ckpt,
                      settings=f"batch 1, seq {s}, eager attention"))
 

@@ -3,7 +3,6 @@ models (all three methods, with and without checkpointing), simulation on fake t
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import transformers
 from qlora_lite.cli import main
 from qlora_lite.memory.arch import count_model, model_facts, preset_names
 from qlora_lite.memory.estimate import (GiB, NF4_BYTES, NF4_BYTES_DQ, Settings, _estimate, estimate_memory,
-                                        layer_activation_bytes, lora_target_groups)
+                                        layer_activation_bytes)
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)

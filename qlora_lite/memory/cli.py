@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .arch import ModelFacts, model_facts, preset_names
-from .estimate import METHODS, GiB, MemoryEstimate, Settings, _estimate
+from .estimate import METHODS, MemoryEstimate, Settings, _estimate
 
 DEFAULT_METHODS = ("full", "full-mixed", "lora", "qlora")
 _OPTIMIZER_NAMES = {"adamw": "adamw_torch"}  # config.py names -> estimate names

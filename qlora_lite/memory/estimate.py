@@ -14,7 +14,6 @@ two-matrix MLP when there is no gate) and are approximate.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 

@@ -7,15 +7,11 @@ states. The same code runs the fake-tensor simulation (simulate.py) with a 7B mo
 """
 from __future__ import annotations
 
-import gc
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from .estimate import CATEGORIES, Settings
 
 PHASES = ("load", "forward", "backward", "optimizer step")
 

@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from .build import StateAdamW, prepare_for_method
-from .estimate import DTYPE_BYTES, Settings
-from .measure import Measurement, make_optimizer, run_tracked_steps
+from .estimate import Settings
+from .measure import Measurement, run_tracked_steps
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
