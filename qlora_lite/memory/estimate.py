@@ -356,7 +356,9 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
 
     # ---- transients
     biggest = max(g.in_features * g.out_features for g in f.linears)
-    dequant = biggest * e if st.method == "qlora" else 0.0  # one dequantized weight [out, in] per 4-bit matmul
+    # one dequantized weight [out, in] per 4-bit matmul (bitsandbytes backend; the pure-torch
+    # reference backend dequantizes through fp32 and needs a few times more, briefly)
+    dequant = biggest * e if st.method == "qlora" else 0.0
     foreach = st.foreach_optimizer if st.foreach_optimizer is not None else st.device == "cuda"
     if st.optimizer in ("adamw", "adamw_torch"):
         # torch AdamW: foreach computes sqrt(exp_avg_sq) for all params at once (one state-sized

@@ -82,8 +82,11 @@ def format_table(f: ModelFacts, ests: dict[str, MemoryEstimate], *, measured: di
     w0, w = 26, 14
     st = ests[methods[0]].settings
     lines = [
-        f"{f.name}: {f.architecture}, {human_params(f.total_params)} params "
-        f"({human_params(f.linear_params)} in linear layers), {f.num_layers} layers, vocab {f.vocab_size:,}",
+        f"{f.name}: {f.architecture}, {f.num_layers} layers, hidden {f.hidden_size}, vocab {f.vocab_size:,}; "
+        f"{human_params(f.total_params)} params = {human_params(f.linear_params)} in linear layers (quantizable) + "
+        f"{human_params(f.embedding_params)} embeddings + "
+        + (f"{human_params(f.lm_head_params)} lm_head + " if f.lm_head_params else "lm_head tied + ")
+        + f"{human_params(f.norm_params + f.linear_bias_params + f.other_params)} norms/biases/other",
         f"batch {st['batch_size']} x seq {st['seq_len']}, LoRA r={st['lora_r']} on {st['lora_targets']}, "
         f"{st['dtype']}, {st['optimizer']}, checkpointing {'on' if st['grad_ckpt'] else 'off'}, "
         f"attention {st['attn_impl']}",
