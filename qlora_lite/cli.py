@@ -44,6 +44,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--attn", default=None, choices=["sdpa", "flash_attention_2", "eager"],
                    help="attention implementation (eager adds the s^2 attention matrices)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="compute / 16-bit weight dtype")
+    p.add_argument("--padded", action="store_true",
+                   help="batches carry padding (an attention mask), as without packing; costs an s^2 mask per layer")
     p.add_argument("--sweep", action="store_true", help="also print peak memory over LoRA rank x sequence length")
     p.add_argument("--steps", type=int, default=None, help="steps to run with --measure / --simulate (optimizer states primed first; default 1)")
     mode = p.add_mutually_exclusive_group()

@@ -125,6 +125,26 @@ def test_estimate_within_10pct_of_measured_peak(method, ckpt):
     assert static == pytest.approx(peaks["load"]["weights"], rel=0.03)
 
 
+def test_padded_batches_cost_a_mask_and_repeated_kv():
+    from qlora_lite.memory.build import prepare_for_method
+    from qlora_lite.memory.measure import make_optimizer, run_tracked_steps
+
+    model = _tiny_model()
+    facts = count_model(model, "tiny")
+    st = Settings(method="lora", seq_len=64, batch_size=4, lora_r=8, grad_ckpt=False, dtype="fp32", device="cpu",
+                  optimizer="adamw_torch", padded=True)
+    prepare_for_method(model, st)
+    ids = torch.randint(0, TINY["vocab_size"], (4, 64))
+    mask = torch.ones_like(ids)
+    mask[0, 40:] = 0  # one padded row: transformers must build a mask
+    peaks = run_tracked_steps(model, make_optimizer(model.parameters(), "adamw_torch"),
+                              {"input_ids": ids, "labels": ids, "attention_mask": mask})
+    measured = max(p["total"] for p in peaks.values())
+    assert _estimate(facts, st).tensor_peak_bytes == pytest.approx(measured, rel=0.05)
+    unpadded = _estimate(facts, Settings(**{**st.__dict__, "padded": False})).tensor_peak_bytes
+    assert unpadded < _estimate(facts, st).tensor_peak_bytes
+
+
 def test_simulation_of_a_tiny_model_matches_the_estimate():
     from qlora_lite.memory.simulate import simulate
     st = Settings(method="qlora", seq_len=64, batch_size=2, lora_r=8, dtype="bf16", device="cpu",

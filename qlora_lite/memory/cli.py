@@ -44,7 +44,8 @@ def settings_from_config(cfg, device: str = "cuda") -> tuple[str, str, Settings]
                   lora_r=cfg.lora.r, lora_targets=targets, lora_dropout=cfg.lora.dropout,
                   optimizer=_OPTIMIZER_NAMES.get(cfg.train.optimizer, cfg.train.optimizer),
                   grad_ckpt=cfg.train.gradient_checkpointing, attn_impl=cfg.model.attn_implementation,
-                  dtype=dtype, double_quant=cfg.quant.double_quant, device=device)
+                  dtype=dtype, double_quant=cfg.quant.double_quant, device=device,
+                  padded=not cfg.data.packing)  # the padding collator sends an attention mask
     return spec, method, st
 
 
@@ -142,6 +143,8 @@ def resolve_inputs(args) -> tuple[ModelFacts, str, Settings, str | None]:
         over["attn_impl"] = args.attn
     if getattr(args, "dtype", None):
         over["dtype"] = args.dtype
+    if getattr(args, "padded", False):
+        over["padded"] = True
     st = replace(st, **over)
     return facts, spec, st, measure_dir
 

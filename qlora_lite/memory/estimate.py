@@ -84,6 +84,7 @@ class Settings:
     cuda_context_mib: float = 500.0  # CUDA driver context + cuBLAS workspace, outside PyTorch's allocator
     allocator_overhead: float = 0.05  # caching-allocator slack (reserved - allocated) as a fraction of the peak
     keep_logits: bool = True  # the model output (holding the logits) is alive during backward
+    padded: bool = False  # batches carry padding: transformers builds a [b,1,s,s] mask and SDPA repeats GQA k/v
 
     def validate(self) -> "Settings":
         if self.method not in METHODS:
@@ -222,6 +223,11 @@ def layer_activation_bytes(f: ModelFacts, st: Settings, adapted: set, first_laye
     # RoPE (q*cos + rotate_half(q)*sin) keeps only the shared cos/sin; SDPA keeps the rotated q, k
     # and v, its output and fp32 logsumexp [b, heads, s]. Flash/SDPA: no s^2 term.
     total += T * (q + 2 * kv) * e + T * q * e + 4 * b * f.num_heads * s
+    if st.padded and st.attn_impl == "sdpa":
+        # with a padding mask transformers cannot use SDPA's native GQA: k and v are repeated to
+        # all heads (repeat_kv) and those copies are what SDPA keeps; SDPA turns the boolean mask
+        # into a [b, 1, s, s] mask in the compute dtype in every layer, and keeps it
+        total += 2 * T * (q - kv) * e + b * s * s * e
     if st.attn_impl == "eager":
         # eager: scores = q @ k^T (s^2 per head), softmax in fp32 keeps its output, the cast back
         # to e keeps another copy for P @ V (Korthikanti's 5*a*s^2*b with 2-byte P and 1-byte mask);
@@ -345,6 +351,8 @@ def _estimate(f: ModelFacts, st: Settings) -> MemoryEstimate:
     # lm_head keeps its input only when trainable; cos/sin of RoPE [b, s, head_dim] x2 are shared.
     outer = 4 * T * f.hidden_size + 4 * T + (2 * T * f.hidden_size * e if full else 0) \
         + 2 * T * f.head_dim * e
+    if st.padded and st.attn_impl != "flash_attention_2":
+        outer += st.batch_size * st.seq_len ** 2  # the boolean [b, 1, s, s] mask, shared by all layers
     layer_in = T * f.hidden_size * e  # what a checkpointed layer keeps: its input
     first = layer_activation_bytes(f, st, adapted, first_layer=True)
     act_no_ckpt = (f.num_layers - 1) * per_layer + first + outer

@@ -89,7 +89,7 @@ def format_table(f: ModelFacts, ests: dict[str, MemoryEstimate], *, measured: di
         + f"{human_params(f.norm_params + f.linear_bias_params + f.other_params)} norms/biases/other",
         f"batch {st['batch_size']} x seq {st['seq_len']}, LoRA r={st['lora_r']} on {st['lora_targets']}, "
         f"{st['dtype']}, {st['optimizer']}, checkpointing {'on' if st['grad_ckpt'] else 'off'}, "
-        f"attention {st['attn_impl']}",
+        f"attention {st['attn_impl']}{', padded batches (attention mask)' if st.get('padded') else ''}",
         "",
         f"{unit:<{w0}}" + "".join(f"{METHOD_LABEL.get(m, m):>{w}}" for m in methods),
         "-" * (w0 + w * len(methods)),
