@@ -82,7 +82,7 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
     prepare_for_method(model, replace(st, method="lora" if st.method == "qlora" else st.method))
     # bitsandbytes pages only CUDA memory; on CPU the paged optimizers are the plain ones (same states)
     opt = make_optimizer(model.parameters(), st.optimizer.replace("paged_", "") if device == "cpu" else st.optimizer)
-    batch = make_batch(model.config.vocab_size, st.batch_size, st.seq_len, device)
+    batch = make_batch(model.config.vocab_size, st.batch_size, st.seq_len, device, padded=st.padded)
     t0 = time.time()
     reserved = 0.0
     if device == "cuda":

@@ -117,10 +117,18 @@ def _phase_tracker():
     return PhaseTracker()
 
 
-def make_batch(vocab_size: int, batch_size: int, seq_len: int, device="cpu") -> dict:
+def make_batch(vocab_size: int, batch_size: int, seq_len: int, device="cpu", padded: bool = False) -> dict:
+    """Random token ids as inputs and labels; padded: the first row ends in padding (an attention
+    mask with zeros, labels -100 there), as a padding collator would send."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device)
-    return {"input_ids": ids, "labels": ids.clone()}
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, seq_len - max(1, seq_len // 4):] = 0
+        batch["attention_mask"] = mask
+        batch["labels"][mask == 0] = -100
+    return batch
 
 
 def make_optimizer(params, name: str, lr: float = 1e-4):

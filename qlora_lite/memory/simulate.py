@@ -51,6 +51,8 @@ def simulate(model_spec, st: Settings, *, steps: int = 1, progress: bool = False
             opt = _optimizer(model.parameters(), st, dtype)
             ids = torch.zeros(st.batch_size, st.seq_len, dtype=torch.long)
             batch = {"input_ids": ids, "labels": ids}
+            if st.padded:  # a mask transformers cannot skip (its values are unknown to fake tensors)
+                batch["attention_mask"] = torch.ones_like(ids)
             autocast = _TORCH_DTYPE[st.dtype] if st.method == "full-mixed" else None
             peaks = run_tracked_steps(model, opt, batch, steps=steps, autocast_dtype=autocast, progress=progress)
     peak_phase = max(peaks, key=lambda k: peaks[k]["total"])
