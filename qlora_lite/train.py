@@ -174,6 +174,7 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
     from .config import save_config
     from .data import BatchSampler, build_datasets, eval_examples, make_collator
     from .lora import add_lora, disable_adapters, trainable_summary
+    from .memory.measure import peak_memory_snapshot
     from .model import enable_gradient_checkpointing, load_model
     from .tasks import exact_match, generate_answers
 
@@ -338,9 +339,11 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
                                 peak=f"{peak:.2f}GB")
                 bar.update(1)
                 if step % max(t.log_every, 1) == 0 or step == total_steps:
+                    # the same allocator figures `qlora-lite memory --measure` reports, for comparison
+                    mem = {f"mem_{k}": v for k, v in peak_memory_snapshot(device).items() if k != "device"}
                     metrics.write(step=step, loss=step_loss, lr=sched.get_last_lr()[0],
                                   grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_s=tok_s,
-                                  peak_memory_gb=peak, epoch=sampler.epoch)
+                                  peak_memory_gb=peak, epoch=sampler.epoch, **mem)
                     t_last, tokens_since = now, 0
                 if t.eval_every and step % t.eval_every == 0 and step < total_steps:
                     evaluate("periodic")
