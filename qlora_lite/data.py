@@ -354,7 +354,15 @@ class _Encoder:
         last_trained = None
         for (_, trained), seg_ids in zip(segs, ids_per_seg):
             ids += seg_ids
-            labels += seg_ids if (trained or train_all) else [IGNORE_INDEX] * len(seg_ids)
+            if trained or train_all:
+                seg_labels = list(seg_ids)
+                if trained and self.cfg.format == "chat" and self.eos in seg_ids and not train_all:
+                    # Template text after the turn's EOS (e.g. a newline) is not the model's to predict.
+                    cut = len(seg_ids) - seg_ids[::-1].index(self.eos)
+                    seg_labels[cut:] = [IGNORE_INDEX] * (len(seg_ids) - cut)
+                labels += seg_labels
+            else:
+                labels += [IGNORE_INDEX] * len(seg_ids)
             if trained:
                 last_trained = seg_ids
         # EOS so generation stops: alpaca/text always; chat only if the last assistant turn lacks it

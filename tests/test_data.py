@@ -141,6 +141,11 @@ def test_bos_follows_the_tokenizer_and_template(tok, tmp_path):
     train, _, _ = build_datasets(dcfg(c, format="chat", chat_template=tmpl), tok, seed=0)
     assert words(tok, train[0]["input_ids"]) == ["<s>", "user", ":", "hi", "assistant", ":", "hello", "</s>"]
     assert words(tok, train[0]["labels"]) == ["hello", "</s>"]
+    # Template text after a turn's EOS is part of the input but not a target.
+    nl = tmpl.replace("{{ eos_token }}", "{{ eos_token }} user")
+    train, _, _ = build_datasets(dcfg(c, format="chat", chat_template=nl), tok, seed=0)
+    assert words(tok, train[0]["input_ids"])[-2:] == ["</s>", "user"]
+    assert words(tok, train[0]["labels"]) == ["hello", "</s>"]
     # The exact-match prompt, tokenized the default way (tokenizer adds BOS), is the training prefix.
     (prompt, answer), = eval_examples(dcfg(c, format="chat", chat_template=tmpl, eval_file=str(c)), 0, tok)
     assert tok(prompt)["input_ids"] == train[0]["input_ids"][:6] and answer == "hello"
