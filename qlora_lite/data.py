@@ -278,7 +278,8 @@ def load_raw_splits(data_cfg, seed: int, stats: Optional[DataStats] = None
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def _resolve_chat_template(data_cfg) -> Optional[str]:
+def resolve_chat_template(data_cfg) -> Optional[str]:
+    """data.chat_template as Jinja text: inline as written, or read from the file it names; None if unset."""
     t = data_cfg.chat_template
     if t and "{" not in t:  # a file path rather than an inline Jinja template
         p = Path(t).expanduser()
@@ -286,6 +287,9 @@ def _resolve_chat_template(data_cfg) -> Optional[str]:
             raise UserError(f"data.chat_template = {t!r}: file not found")
         return p.read_text(encoding="utf-8")
     return t
+
+
+_resolve_chat_template = resolve_chat_template  # older private name, kept for callers
 
 
 class _Encoder:
@@ -303,7 +307,7 @@ class _Encoder:
         self.bos = int(bos) if bos is not None and probe[:1] == [bos] else None
         self.template = None
         if data_cfg.format == "chat":
-            self.template = _resolve_chat_template(data_cfg)
+            self.template = resolve_chat_template(data_cfg)
             if self.template is None and not getattr(tokenizer, "chat_template", None):
                 raise UserError("data.format = chat but the tokenizer has no chat template; set data.chat_template "
                                 "(inline Jinja or a .jinja file) or use format alpaca/text")
