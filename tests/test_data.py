@@ -419,3 +419,16 @@ def test_tiny_config_data_builds_with_the_bundled_tokenizer():
     assert ex["labels"][-1] == tok.eos_token_id and ex["labels"][0] == IGNORE_INDEX
     pairs = eval_examples(cfg.data, cfg.train.seed)
     assert pairs and all(p.endswith("### Response:\n") and a for p, a in pairs)
+
+
+@pytest.mark.skipif(not (TINY_BASE / "tokenizer_config.json").exists() or
+                    not (REPO / "data" / "tiny" / "chat_sample.jsonl").exists(), reason="tiny base or data not built")
+@pytest.mark.parametrize("fmt, name", [("chat", "chat_sample.jsonl"), ("text", "text_sample.jsonl")])
+def test_bundled_chat_and_text_samples(fmt, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_BASE)
+    train, _, stats = build_datasets(dcfg(REPO / "data" / "tiny" / name, format=fmt, max_seq_len=256), tok, seed=0)
+    assert stats.rows > 0 and stats.skipped == stats.truncated == 0
+    for ex in train:
+        assert ex["input_ids"].count(tok.bos_token_id) == 1 and tok.eos_token_id in ex["labels"]
