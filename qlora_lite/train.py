@@ -224,8 +224,8 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
 
     # -- data ---------------------------------------------------------------------------------
     if d.chat_template:       # the template the data is rendered with travels with the checkpoints
-        from .data import _resolve_chat_template
-        tok.chat_template = _resolve_chat_template(d)
+        from .data import resolve_chat_template
+        tok.chat_template = resolve_chat_template(d)
     train_ds, eval_ds, stats = build_datasets(d, tok, t.seed)
     log(f"data: {stats.summary()}")
     collate = make_collator(tok)
