@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The test models are tiny: one thread per process avoids OpenMP oversubscription, which makes
+# small ops several times slower whenever anything else (a second test process, a build) runs.
+torch.set_num_threads(1)
+
 
 def _save(model, path):
     model.save_pretrained(path)
