@@ -119,7 +119,7 @@ def write_card(path: Path, info: dict) -> None:
     path.write_text(
         "# tiny-base\n\n"
         "A few-million-parameter Llama pretrained from scratch on CPU by `scripts/build_tiny_base.py`\n"
-        "on synthetic prose: arithmetic facts on numbers 0..19 (\"The sum of 12 and 5 is 17.\")\n"
+        "on synthetic prose: arithmetic facts on digits 0..9 (\"The sum of 7 and 5 is 12.\")\n"
         "mixed with generic template sentences. It has never seen the alpaca prompt format of\n"
         "`data/tiny/`. Byte-level BPE tokenizer, one token per digit; the\n"
         "tokenizer adds BOS, never EOS. Weights stored in bf16; compute in fp32 on CPU.\n\n"

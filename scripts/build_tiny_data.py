@@ -1,17 +1,18 @@
 """Build the bundled tiny instruction dataset (data/tiny/) and the generators behind it.
 
-The task is two-operand arithmetic on whole numbers 0..19: add, subtract (first >= second),
+The task is two-operand arithmetic on single digits 0..9: add, subtract (first >= second),
 and pick the larger of two. Answers are checked exactly, and a model of a few million
-parameters pretrained for a few CPU minutes knows all ~600 facts. (Operands up to 99 were
-tried first: 400 pretraining steps are far too few for a 3.5M-parameter model to learn
-two-digit arithmetic, it answered round numbers.)
+parameters pretrained for a few CPU minutes can know all ~250 facts. (Operands up to 99,
+then up to 19, were tried first: 400 pretraining steps are too few for a 3.5M-parameter
+model to learn multi-digit arithmetic; it answered round numbers.) The problem space is
+small, so eval is 45 held-out problems (operand pairs), each asked in several phrasings.
 
 The demo rests on a split between *skill* and *format*:
   - `scripts/build_tiny_base.py` pretrains the tiny base on prose that states arithmetic facts
-    ("The sum of 12 and 5 is 17.", "Mia had 12 apples ...") mixed with generic synthetic
+    ("The sum of 7 and 5 is 12.", "Mia had 12 apples ...") mixed with generic synthetic
     sentences. It never sees the alpaca prompt format.
   - this script writes the same skill in the alpaca format
-    ({"instruction": "Add the two numbers.", "input": "12 + 5", "output": "17"}).
+    ({"instruction": "Add the two numbers.", "input": "7 + 5", "output": "12"}).
     Eval problems (operand pairs) never occur in the instruction train split.
 So the base scores ~0% exact match on eval (it does not know where the answer goes or when
 to stop) and a short LoRA fine-tune on train lifts that to high accuracy.
@@ -30,10 +31,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MAX_OPERAND = 19  # operands are drawn from 0..MAX_OPERAND
+MAX_OPERAND = 9  # operands are drawn from 0..MAX_OPERAND
 OPS = ("add", "sub", "max")
 N_TRAIN = 2500  # alpaca rows in train.jsonl
-N_EVAL = {"add": 50, "sub": 50, "max": 50}  # alpaca rows per op in eval.jsonl (150 in all)
+N_EVAL = {"add": 15, "sub": 15, "max": 15}  # held-out problems per op
+EVAL_ROWS_PER_PROBLEM = 3  # phrasings of each held-out problem in eval.jsonl (135 rows)
 N_SAMPLE = 50  # rows in chat_sample.jsonl and text_sample.jsonl
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def random_problem(rng: random.Random, exclude: set) -> tuple[str, int, int]:
             return op, a, b
 
 
-FACT_FRACTION = 0.75  # share of pretraining sentences that state an arithmetic fact
+FACT_FRACTION = 0.85  # share of pretraining sentences that state an arithmetic fact
 
 
 def pretraining_document(rng: random.Random, exclude: set) -> str:
@@ -246,7 +248,18 @@ def build_rows(seed: int = 0) -> dict[str, list[dict]]:
         rng.shuffle(pool)
         train_probs += pool[: N_TRAIN - len(train_probs)]
     train = [alpaca_row(*p, rng) for p in train_probs]
-    evals = [alpaca_row(*p, rng) for p in held_out]
+    evals, seen_rows = [], set()
+    for p in held_out:
+        phrasings = []
+        for _ in range(50):  # draw until EVAL_ROWS_PER_PROBLEM distinct phrasings of this problem
+            if len(phrasings) == EVAL_ROWS_PER_PROBLEM:
+                break
+            a, b = (p[2], p[1]) if p[0] != "sub" and rng.random() < 0.5 else (p[1], p[2])
+            row = alpaca_row(p[0], a, b, rng)
+            if (row["instruction"], row["input"]) not in seen_rows:
+                seen_rows.add((row["instruction"], row["input"]))
+                phrasings.append(row)
+        evals += phrasings
     chat = [chat_row(*p, rng) for p in train_probs[:N_SAMPLE]]
     text = [{"text": pretraining_document(rng, set())} for _ in range(N_SAMPLE)]
     return {"train.jsonl": train, "eval.jsonl": evals, "chat_sample.jsonl": chat, "text_sample.jsonl": text}
