@@ -13,6 +13,7 @@ Steps, all deterministic for a given --seed:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -206,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # transformers 5 writes its own class name; the generic one also loads with transformers 4.x.
+        tc_path = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tc_path.write_text(json.dumps(tc, indent=2) + "\n")
         write_card(tmp / "README.md", {
             "parameters": f"{n_params:,}",
             "layers / hidden / heads / intermediate": f"{cfg.num_hidden_layers} / {cfg.hidden_size} / "
