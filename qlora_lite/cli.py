@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qlora-lite {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # e.g. `qlora-lite train --list-keys | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

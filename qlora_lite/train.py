@@ -230,7 +230,8 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
     log(f"data: {stats.summary()}")
     collate = make_collator(tok)
     global_micro = t.micro_batch_size * world                       # sequences per micro-step, all processes
-    sampler = BatchSampler(len(train_ds), global_micro, t.seed)
+    # several processes: drop a last partial global batch, so no process is left without examples
+    sampler = BatchSampler(len(train_ds), global_micro, t.seed, drop_last=world > 1)
     steps_per_epoch = max(1, len(sampler) // t.gradient_accumulation_steps)
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     em_pairs = eval_examples(d, t.seed, tok) if t.exact_match_eval and main else []
