@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .lora import PEFT_PREFIX, add_lora, load_lora_state_dict, lora_layers, lora_state_dict
+from .lora import add_lora, load_lora_state_dict, lora_layers, lora_state_dict, parse_peft_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -153,19 +153,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-_KEY = re.compile(r"(.+)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(?:lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
-
-
 def adapter_module_paths(tensors: dict[str, torch.Tensor], where: str | Path = "adapter") -> set[str]:
     """Model module paths an adapter's tensors belong to (``base_model.model.`` stripped)."""
-    paths = set()
-    for key in tensors:
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = _KEY.fullmatch(k)
-        if not m:
-            raise UserError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
-        paths.add(m.group(1) or m.group(2))
-    return paths
+    return {parse_peft_key(key, str(where))[0] for key in tensors}
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> dict:

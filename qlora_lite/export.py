@@ -37,7 +37,7 @@ import torch
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from .errors import UserError
-from .lora import PEFT_PREFIX
+from .lora import parse_peft_key
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ def adapter_deltas(cfg: dict, tensors: dict[str, torch.Tensor], where: str = "ad
     scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?", k)
-        if not m:
-            raise UserError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
-        path, which = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        path, which = parse_peft_key(key, where)
         parts.setdefault(path, {})[which] = t
     deltas = {}
     for path, p in parts.items():

@@ -20,7 +20,7 @@ import contextlib
 import math
 import re
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -313,16 +313,24 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return sd
 
 
+_PEFT_KEY = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
+
+
+def parse_peft_key(key: str, where: str = "adapter") -> tuple[str, str]:
+    """``base_model.model.<path>.lora_A.weight`` -> (path, "lora_A"); embeddings give "lora_embedding_A/B"."""
+    k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = _PEFT_KEY.fullmatch(k)
+    if not m:
+        raise UserError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
+    return (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+
+
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Copy PEFT-layout tensors into an adapter already added with ``add_lora`` (shapes must agree)."""
     layers = dict(lora_layers(model))
     seen = set()
     for key, t in sd.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?", k)
-        if not m:
-            raise UserError(f"adapter tensor {key!r} is not a LoRA A/B weight")
-        path, which = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        path, which = parse_peft_key(key)
         which = "lora_A" if which.endswith("A") else "lora_B"
         layer = layers.get(path)
         if layer is None or adapter_name not in layer.lora_A:

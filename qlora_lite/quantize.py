@@ -23,7 +23,6 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .nf4 import DQ_BLOCKSIZE, NF4_BLOCKSIZE, NF4State, dequantize_nf4, double_quantize, dynamic_code, quantize_nf4
 

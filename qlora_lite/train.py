@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -204,6 +203,10 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
         if not oc.overwrite:
             raise UserError(f"output.dir {run_dir} is not empty: use --resume auto to continue it, "
                             f"--set output.overwrite=true to replace it, or another output.dir")
+        foreign = [p.name for p in run_dir.iterdir() if not _is_run_artifact(p.name)]
+        if foreign:   # overwrite replaces an earlier run, never a folder of other files
+            raise UserError(f"output.dir {run_dir} holds files that are not from a training run "
+                            f"({', '.join(sorted(foreign)[:3])}); choose another output.dir")
         if main:
             shutil.rmtree(run_dir)
     acc.wait_for_everyone()
@@ -365,6 +368,11 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
     result.final_checkpoint = checkpoint()
     result.steps = step
     return result
+
+
+def _is_run_artifact(name: str) -> bool:
+    """What a run writes into output.dir: config.yaml, metrics.jsonl, checkpoints and their temp folders."""
+    return name in ("config.yaml", "metrics.jsonl", "metrics.jsonl.tmp") or name.lstrip(".").startswith("checkpoint-")
 
 
 def _oom_message(cfg) -> str:

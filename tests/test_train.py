@@ -126,8 +126,15 @@ def test_existing_output_dir_is_not_clobbered(small_model_dir, data_files, tmp_p
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="not empty"):
-        train(make_cfg(small_model_dir, data_files, out), progress=False)
+        train(make_cfg(small_model_dir, data_files, out, "output.overwrite=false"), progress=False)
+    with pytest.raises(UserError, match="not from a training run.*precious.txt"):      # not even with overwrite
+        train(make_cfg(small_model_dir, data_files, out, "output.overwrite=true"), progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
+    # an earlier run's folder is replaced with overwrite
+    (out / "precious.txt").unlink()
+    train(make_cfg(small_model_dir, data_files, out, "train.max_steps=1"), progress=False)
+    res = train(make_cfg(small_model_dir, data_files, out, "train.max_steps=2", "output.overwrite=true"), progress=False)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"] and res.steps == 2
 
 
 def test_nan_loss_stops_naming_the_step(small_model_dir, data_files, tmp_path, capsys):
