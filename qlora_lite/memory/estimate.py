@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
+from ..nf4 import bits_per_param
 from .arch import ModelFacts
 
 GiB = 1024 ** 3
@@ -27,8 +28,8 @@ MiB = 1024 ** 2
 # NF4: 4 bits per value + one absmax per 64-value block. Without double quantization the absmax
 # is fp32: 0.5 + 4/64 = 0.5625 B/param. With it (QLoRA §3) the absmax is 8-bit with one fp32
 # constant per 256 absmaxes: 0.5 + 1/64 + 4/(64*256) = 0.515869 B/param.
-NF4_BYTES_DQ = 0.5 + 1 / 64 + 4 / (64 * 256)
-NF4_BYTES = 0.5 + 4 / 64
+NF4_BYTES_DQ = bits_per_param(double_quant=True) / 8     # 0.5159: 4 bits + 8-bit absmax/64 + fp32/(64*256)
+NF4_BYTES = bits_per_param(double_quant=False) / 8         # 0.5625: 4 bits + fp32 absmax/64
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
