@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from .data import IGNORE_INDEX
 from .errors import UserError
 
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -91,14 +91,6 @@ def evaluate_loss(model, eval_ds, collate, batch_size: int, device) -> dict:
     model.train(was)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: CUDA max allocated on a GPU, the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB on Linux
 
 
 class MetricsLog:
@@ -338,16 +330,17 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
                 # -- logging, eval, checkpoints --------------------------------------------------
                 now = time.perf_counter()
                 tok_s = tokens_since * world / max(now - t_last, 1e-9)
-                peak = peak_memory_gb(device)
+                # the same allocator figures `qlora-lite memory --measure` reports, for comparison
+                mem = peak_memory_snapshot(device)
+                peak = mem.get("peak_allocated_gib", mem.get("peak_rss_gib"))   # GPU allocator / CPU peak RSS
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:.0f}",
                                 peak=f"{peak:.2f}GB")
                 bar.update(1)
                 if step % max(t.log_every, 1) == 0 or step == total_steps:
-                    # the same allocator figures `qlora-lite memory --measure` reports, for comparison
-                    mem = {f"mem_{k}": v for k, v in peak_memory_snapshot(device).items() if k != "device"}
                     metrics.write(step=step, loss=step_loss, lr=sched.get_last_lr()[0],
                                   grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_s=tok_s,
-                                  peak_memory_gb=peak, epoch=sampler.epoch, **mem)
+                                  peak_memory_gb=peak, epoch=sampler.epoch,
+                                  **{f"mem_{k}": v for k, v in mem.items() if k != "device"})
                     t_last, tokens_since = now, 0
                 if t.eval_every and step % t.eval_every == 0 and step < total_steps:
                     evaluate("periodic")

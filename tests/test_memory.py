@@ -163,6 +163,7 @@ def test_peak_memory_snapshot_on_cpu():
     from qlora_lite.memory import peak_memory_snapshot
     snap = peak_memory_snapshot("cpu")
     assert snap["device"] == "cpu" and snap["rss_gib"] > 0
+    assert snap["peak_rss_gib"] >= snap["rss_gib"] * 0.99   # the peak is never below the current size
 
 
 # ------------------------------------------------------------------------------ CLI

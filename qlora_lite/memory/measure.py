@@ -48,8 +48,8 @@ class Measurement:
 def peak_memory_snapshot(device: torch.device | str | None = None, reset: bool = False) -> dict:
     """Peak memory since the last reset, for the trainer's logs: {"peak_allocated_gib", ...}.
 
-    CUDA: allocator statistics. CPU: this process's resident set size (psutil); no per-tensor
-    peak is available there without a tracker.
+    CUDA: allocator statistics. CPU: this process's resident set size now and at its peak; no
+    per-tensor peak is available there without a tracker.
     """
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -61,8 +61,11 @@ def peak_memory_snapshot(device: torch.device | str | None = None, reset: bool =
         if reset:
             torch.cuda.reset_peak_memory_stats(dev)
     else:
+        import resource
+
         import psutil
         out["rss_gib"] = psutil.Process().memory_info().rss / 2 ** 30
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
     return out
 
 
