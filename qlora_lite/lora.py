@@ -32,6 +32,45 @@ from .quantize import Linear4bit, is_conv1d, is_linear_like
 PEFT_PREFIX = "base_model.model."
 
 
+# splitmix64 constants (as signed int64): a counter-based hash gives the dropout mask's random bits
+_SM_GAMMA, _SM_M1, _SM_M2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return z.bitwise_right_shift(k).bitwise_and_((1 << (64 - k)) - 1)
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Bernoulli(1 - p) bool mask from a splitmix64 hash of (one seed drawn from torch's generator,
+    element index); 16 random bits per element, so p is realised to within 1/65536.
+
+    On CPU, torch draws dropout masks one element at a time from its Mersenne twister (~5 ms for a
+    512 x 1376 activation on 2 cores, 16% of a 45M-parameter QLoRA step); this vectorized hash
+    takes a third of that. The seed comes from the default generator, so torch.manual_seed fixes the
+    masks and activation checkpointing, which restores the RNG state, recomputes the same ones.
+    """
+    n = math.prod(shape)
+    seed = int(torch.empty((), dtype=torch.int64).random_(-(2 ** 63), None))
+    z = torch.arange((n + 3) // 4, dtype=torch.int64, device=device).mul_(_SM_GAMMA).add_(seed)
+    z = z.bitwise_xor_(_shr(z, 30)).mul_(_SM_M1)
+    z = z.bitwise_xor_(_shr(z, 27)).mul_(_SM_M2)
+    z = z.bitwise_xor_(_shr(z, 31))
+    return z.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout on the LoRA input path; on CPU with masks from `keep_mask` (much faster there),
+    elsewhere torch's own kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        return (x * keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
+
+
 class LoRALayer(nn.Module):
     """Wraps ``base`` (nn.Linear, Linear4bit, Conv1D or nn.Embedding) with named LoRA adapters."""
 
@@ -72,7 +111,7 @@ class LoRALayer(nn.Module):
             nn.init.zeros_(B)
         self.lora_A[name] = nn.Parameter(A.to(dtype))
         self.lora_B[name] = nn.Parameter(B.to(dtype))
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else nn.Identity()
+        self.lora_dropout[name] = LoRADropout(dropout) if dropout > 0 and not self.is_embedding else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.hparams[name] = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         if self.active_adapter is None:

@@ -67,15 +67,29 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labeled tokens (fp32), and how many there were."""
+def token_loss_sum(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labeled tokens (fp32), and how many there were.
+
+    For the usual architectures (loss.FUSED_MODEL_TYPES, a plain nn.Linear head) the head and
+    the loss run fused and chunked (loss.linear_cross_entropy), so no [tokens, vocab] logits, fp32
+    upcast or log-softmax is ever held; otherwise, or with fused=False, through the model's logits.
+    """
+    from .loss import fused_head, head_removed, linear_cross_entropy
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits                  # (B, T, vocab)
-    shift_logits = logits[:, :-1, :].float().flatten(0, 1)            # (B*(T-1), vocab), fp32 for the softmax
-    shift_labels = labels[:, 1:].flatten()                            # (B*(T-1),)
-    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    # the label of position t is the token at t+1; the last position has none
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    head = fused_head(model) if fused else None
+    if head is not None:
+        owner, name, _ = head
+        with head_removed(owner, name) as lm_head:
+            hidden = model(**inputs, use_cache=False).logits                 # (B, T, d): the head's input
+        return linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, lm_head.bias, shift_labels), n
+    logits = model(**inputs, use_cache=False).logits                      # (B, T, vocab)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift_labels,
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ class Settings:
     dtype: str = "bf16"  # compute dtype = 16-bit weight dtype (fp32 on CPU)
     adapter_dtype: str | None = None  # LoRA weights' dtype; None = the compute dtype
     double_quant: bool = True  # NF4 double quantization
-    device: str = "cuda"  # cuda | cpu: cpu has no context, no allocator slack, and dropout masks in e bytes
+    device: str = "cuda"  # cuda | cpu: cpu has no CUDA context and no allocator slack
     foreach_optimizer: bool | None = None  # torch AdamW foreach (one state-sized temporary); None = on for cuda
     cuda_context_mib: float = 500.0  # CUDA driver context + cuBLAS workspace, outside PyTorch's allocator
     allocator_overhead: float = 0.05  # caching-allocator slack (reserved - allocated) as a fraction of the peak
@@ -188,7 +188,7 @@ def layer_activation_bytes(f: ModelFacts, st: Settings, adapted: set, first_laye
     e = DTYPE_BYTES[st.dtype]
     ea = DTYPE_BYTES[st.adapter_dtype or st.dtype]
     full = st.method.startswith("full")
-    mask_b = e if st.device == "cpu" else 1  # CPU dropout multiplies by a noise tensor in e bytes; CUDA keeps a bool mask
+    mask_b = 1  # LoRA dropout keeps a bool mask (lora.LoRADropout on CPU, torch's kernel on CUDA)
 
     def keeps_input(*names) -> bool:
         # a linear saves its input when its weight is trainable, or when an adapter reads the input

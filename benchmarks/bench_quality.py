@@ -1,0 +1,216 @@
+"""The QLoRA paper's central claim in miniature: a 4-bit NF4 base with LoRA adapters fine-tunes as
+well as LoRA on a 16/32-bit base and as full fine-tuning.
+
+    python benchmarks/bench_quality.py                 # 4 methods x 3 seeds on the bundled task (~25 min, 2 cores)
+    python benchmarks/bench_quality.py --seeds 0 --steps 30 --eval-rows 16   # a quick look
+
+From the bundled tiny pretrained base (assets/tiny-base) every method trains on the bundled
+alpaca-format task (data/tiny) with configs/tiny.yaml's data, batch, schedule and step budget:
+
+  full        every weight trainable, fp32 (lr --full-lr, 10x below LoRA's, as usual for full tuning)
+  lora        LoRA r16 on all linears of the fp32 base
+  qlora       LoRA r16 on an NF4 base with double quantization (the product's default)
+  qlora-nodq  LoRA r16 on an NF4 base, absmax constants kept in fp32
+
+One loop serves all four (the trainer's own loss, sampler, warmup + cosine schedule, clipping and
+AdamW), so the model setup is the only difference. After training: eval loss over the whole eval
+file and exact match of greedy answers on --eval-rows eval rows. Writes
+benchmarks/results/quality_bench.json and quality_bench.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("full", "lora", "qlora", "qlora-nodq")
+
+
+def run_one(method: str, seed: int, cfg, steps: int, full_lr: float, eval_rows: int) -> dict:
+    import torch
+    from accelerate.utils import set_seed
+
+    from qlora_lite.data import BatchSampler, build_datasets, eval_examples, make_collator
+    from qlora_lite.lora import add_lora
+    from qlora_lite.model import enable_gradient_checkpointing, load_model
+    from qlora_lite.tasks import exact_match, generate_answers
+    from qlora_lite.train import evaluate_loss, lr_lambda, token_loss_sum
+
+    t, d, lc = cfg.train, cfg.data, cfg.lora
+    set_seed(seed)
+    quant = "nf4" if method.startswith("qlora") else None
+    model, tok = load_model(cfg.model.name_or_path, quantize=quant, double_quant=method != "qlora-nodq",
+                            compute_dtype="fp32", device="cpu")
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        lr = full_lr
+    else:
+        add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets)
+        lr = t.lr
+    enable_gradient_checkpointing(model)
+    model.train()
+    train_ds, eval_ds, _ = build_datasets(d, tok, seed)
+    collate = make_collator(tok)
+    sampler = BatchSampler(len(train_ds), t.micro_batch_size, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    warmup = int(round(t.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, steps))
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        micro = [collate([train_ds[i] for i in sampler.next_batch()]) for _ in range(t.gradient_accumulation_steps)]
+        n_all = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            s, _ = token_loss_sum(model, b)
+            (s / max(n_all, 1)).backward()
+            total += float(s.detach())
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total / max(n_all, 1))
+    train_s = time.perf_counter() - t0
+    ev = evaluate_loss(model, eval_ds, collate, t.micro_batch_size, "cpu")
+    pairs = eval_examples(d, seed, tok, limit=eval_rows)
+    preds = generate_answers(model, tok, [p for p, _ in pairs], max_new_tokens=t.max_new_tokens)
+    return dict(method=method, seed=seed, lr=lr, steps=steps, trainable=sum(p.numel() for p in params),
+                final_train_loss=statistics.mean(losses[-10:]), eval_loss=ev["eval_loss"],
+                exact_match=exact_match(preds, [a for _, a in pairs]), eval_rows=len(pairs), train_s=train_s,
+                losses=losses)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for m in METHODS:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        row = {}
+        for k in ("eval_loss", "exact_match", "final_train_loss"):
+            v = [r[k] for r in rs]
+            row[k] = dict(mean=statistics.mean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0,
+                          min=min(v), max=max(v), values=v)
+        row["trainable"] = rs[0]["trainable"]
+        out[m] = row
+    return out
+
+
+def verdict(summary: dict) -> list[str]:
+    """QLoRA against LoRA: is the gap of the means inside the seed-to-seed spread?"""
+    lines = []
+    if "lora" not in summary:
+        return lines
+    lo = summary["lora"]
+    for m in ("qlora", "qlora-nodq", "full"):
+        if m not in summary:
+            continue
+        for k in ("eval_loss", "exact_match"):
+            gap = summary[m][k]["mean"] - lo[k]["mean"]
+            spread = max(lo[k]["std"], summary[m][k]["std"])
+            inside = abs(gap) <= max(spread, 1e-12)
+            lines.append(f"{m} vs lora, {k}: gap {gap:+.4f}, seed std {spread:.4f} -> "
+                         f"{'within the seed spread' if inside else 'OUTSIDE the seed spread'}")
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = result["summary"]
+    ms = [m for m in METHODS if m in summ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, k, label in ((axes[0], "eval_loss", "eval loss (lower is better)"),
+                         (axes[1], "exact_match", "exact match (higher is better)")):
+        for i, m in enumerate(ms):
+            vals = summ[m][k]["values"]
+            vals = [100 * v for v in vals] if k == "exact_match" else vals
+            ax.scatter([i] * len(vals), vals, color="tab:blue", zorder=3)
+            ax.bar(i, statistics.mean(vals), color="tab:blue" if m.startswith("qlora") else "tab:gray", alpha=0.4)
+        ax.set_xticks(range(len(ms)), ms)
+        ax.set_title(label + (" %" if k == "exact_match" else ""), fontsize=9)
+        if k == "eval_loss":
+            lo = min(min(summ[m][k]["values"]) for m in ms)
+            ax.set_ylim(lo * 0.9, None)
+    for r in result["runs"]:
+        axes[2].plot(r["losses"], lw=0.7, color={"full": "tab:gray", "lora": "tab:green", "qlora": "tab:blue",
+                                                  "qlora-nodq": "tab:orange"}[r["method"]],
+                     label=r["method"] if r["seed"] == result["seeds"][0] else None)
+    axes[2].set_yscale("log")
+    axes[2].set_title("train loss per step (all seeds)", fontsize=9)
+    axes[2].legend(fontsize=8)
+    fig.suptitle("tiny base on the bundled task: full fine-tuning vs LoRA vs QLoRA (points are seeds)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
+    ap.add_argument("--full-lr", type=float, default=2e-4)
+    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "quality_bench.json"))
+    a = ap.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    from qlora_lite.config import load_config
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.config, [])
+    steps = a.steps or cfg.train.max_steps
+    runs = []
+    jobs = [(s, m) for s in a.seeds for m in a.methods]          # seed-major: a partial run still compares
+    for seed, m in tqdm(jobs, desc="runs", unit="run"):
+        r = run_one(m, seed, cfg, steps, a.full_lr, a.eval_rows)
+        tqdm.write(f"{m:<11} seed {seed}: eval loss {r['eval_loss']:.4f}, exact match {100 * r['exact_match']:.1f}%"
+                   f" ({r['train_s']:.0f} s)")
+        runs.append(r)
+    import bitsandbytes
+    import transformers
+    result = dict(command="python benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]),
+                  machine=dict(cpu=next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text()
+                                         .splitlines() if l.startswith("model name")), ""), cores=os.cpu_count(),
+                               torch=torch.__version__, transformers=transformers.__version__,
+                               bitsandbytes=bitsandbytes.__version__),
+                  settings=dict(config=os.path.relpath(a.config, ROOT), steps=steps, lora_lr=cfg.train.lr,
+                                full_lr=a.full_lr, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                micro_batch=cfg.train.micro_batch_size, schedule=cfg.train.lr_scheduler,
+                                eval_rows=a.eval_rows),
+                  seeds=a.seeds, runs=runs)
+    result["summary"] = summarize(runs)
+    result["verdict"] = verdict(result["summary"])
+    print(f"\n{'method':<12}{'eval loss':>20}{'exact match %':>22}")
+    for m, row in result["summary"].items():
+        el, em = row["eval_loss"], row["exact_match"]
+        print(f"{m:<12}{el['mean']:>12.4f} ± {el['std']:.4f}{100 * em['mean']:>14.1f} ± {100 * em['std']:.1f}")
+    print("\n".join(result["verdict"]))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
