@@ -156,6 +156,17 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def markdown(result: dict) -> str:
+    out = ["| method | trainable params | eval loss (mean ± std) | exact match % (mean ± std) | per seed: eval loss / exact match % |",
+           "|---|---|---|---|---|"]
+    for m, row in result["summary"].items():
+        el, em = row["eval_loss"], row["exact_match"]
+        per = ", ".join(f"{a:.3f} / {100 * b:.1f}" for a, b in zip(el["values"], em["values"]))
+        out.append(f"| {m} | {row['trainable']:,} | {el['mean']:.4f} ± {el['std']:.4f} | "
+                   f"{100 * em['mean']:.1f} ± {100 * em['std']:.1f} | {per} |")
+    return "\n".join(out) + "\n\n" + "\n".join(f"- {v}" for v in result["verdict"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
@@ -166,7 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "quality_bench.json"))
+    ap.add_argument("--tables", action="store_true", help="print the README table from --out and exit")
     a = ap.parse_args(argv)
+    if a.tables:
+        print(markdown(json.loads(Path(a.out).read_text())))
+        return 0
 
     import torch
     from tqdm import tqdm
@@ -197,11 +212,7 @@ def main(argv=None) -> int:
                   seeds=a.seeds, runs=runs)
     result["summary"] = summarize(runs)
     result["verdict"] = verdict(result["summary"])
-    print(f"\n{'method':<12}{'eval loss':>20}{'exact match %':>22}")
-    for m, row in result["summary"].items():
-        el, em = row["eval_loss"], row["exact_match"]
-        print(f"{m:<12}{el['mean']:>12.4f} ± {el['std']:.4f}{100 * em['mean']:>14.1f} ± {100 * em['std']:.1f}")
-    print("\n".join(result["verdict"]))
+    print(markdown(result))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

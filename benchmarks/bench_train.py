@@ -5,15 +5,20 @@
     python benchmarks/bench_train.py --device cuda --models llama-2-7b --seq-lens 512 2048   # on a GPU
 
 The same model file, random-token batch, sequence length, LoRA rank/alpha/dropout/targets,
-gradient checkpointing (non-reentrant on both sides), optimizer (torch AdamW, lr 2e-4, grad-norm
-clip 0.3) and number of steps run through
+gradient checkpointing, optimizer (torch AdamW, lr 2e-4, grad-norm clip 0.3) and number of steps
+run through
 
   ours  qlora_lite: load_model(quantize="nf4") + add_lora + enable_gradient_checkpointing, and
         the trainer's own loss (train.token_loss_sum) and step;
   peer  transformers + PEFT + bitsandbytes: from_pretrained(quantization_config=BitsAndBytesConfig(
-        nf4, double quant)), prepare_model_for_kbit_training, get_peft_model, model(labels=...).loss.
+        nf4, double quant)), prepare_model_for_kbit_training, get_peft_model, model(labels=...).loss,
+        with PEFT's defaults (reentrant checkpointing); peer-nr is the same with
+        gradient_checkpointing_kwargs={"use_reentrant": False}, the peer at its best.
 
-Plain LoRA (16/32-bit base) and full fine-tuning (transformers alone) are measured for context.
+Plain LoRA (16/32-bit base) and full fine-tuning (transformers alone) are measured for context, and
+`ours-unfixed` is our QLoRA step as it was before profiling against the peer (logits +
+F.cross_entropy instead of the fused chunked loss, torch's CPU dropout kernel on the LoRA input),
+to show what each fix bought.
 Every measurement runs in a fresh process (memory figures must not leak between runs), and the
 runs alternate ours, peer, ours, peer ... over `--rounds` rounds, so slow drift of the machine
 hits both sides alike; the figures are medians over rounds of each run's median step time.
@@ -51,8 +56,8 @@ MODELS = {
                        tie_word_embeddings=False),
 }
 # (impl, method): what each row is
-RUNS = [("ours", "qlora"), ("peer", "qlora"), ("ours", "lora"), ("peer", "lora"), ("peer", "full")]
-LABELS = {"ours": "qlora_lite", "peer": "transformers+PEFT+bnb", }
+RUNS = [("ours", "qlora"), ("peer", "qlora"), ("ours", "lora"), ("peer", "lora"), ("ours-unfixed", "qlora"),
+        ("peer-nr", "qlora"), ("peer", "full")]
 
 
 # ----------------------------------------------------------------------------- model files
@@ -93,7 +98,7 @@ def _vm(key: str) -> float:
 def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: float, dropout: float):
     """(model, step_loss_fn) for one side; step_loss_fn(batch) -> mean loss per label token."""
     import torch
-    if impl == "ours":
+    if impl in ("ours", "ours-unfixed"):
         from qlora_lite.lora import add_lora
         from qlora_lite.model import enable_gradient_checkpointing, load_model
         from qlora_lite.train import token_loss_sum
@@ -101,9 +106,17 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
                               compute_dtype=dtype, device=device, load_tokenizer=False)
         add_lora(model, r=r, alpha=alpha, dropout=dropout, targets="all-linear")
         enable_gradient_checkpointing(model)
+        fused = impl == "ours"
+        if impl == "ours-unfixed":
+            # what this step did before profiling against the peer: logits + F.cross_entropy, and
+            # torch's own CPU dropout (per-element Mersenne-twister masks) on the LoRA input
+            from qlora_lite.lora import LoRADropout
+            for m in model.modules():
+                if isinstance(m, LoRADropout):
+                    m.forward = torch.nn.Dropout.forward.__get__(m)
 
         def loss_fn(batch):
-            s, n = token_loss_sum(model, batch)
+            s, n = token_loss_sum(model, batch, fused=fused)
             return s / n
     else:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -115,9 +128,12 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
         if method == "qlora":
             from peft import prepare_model_for_kbit_training
-            model = prepare_model_for_kbit_training(model)       # its defaults: checkpointing on
+            # PEFT's defaults turn checkpointing on through torch's default, the reentrant kind (plus
+            # enable_input_require_grads); peer-nr asks for the non-reentrant kind we use
+            kw_gc = {"use_reentrant": False} if impl == "peer-nr" else None
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=kw_gc)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable()                # transformers' default: non-reentrant
         if method in ("qlora", "lora"):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -134,6 +150,13 @@ def child(a) -> dict:
     torch.set_num_threads(a.threads) if a.threads else None
     dev = torch.device(a.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    # what each side imports, before any tensor exists: the libraries' own share of the RSS
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    if a.impl.startswith("ours"):
+        import qlora_lite.lora, qlora_lite.model, qlora_lite.train  # noqa: F401,E401
+    else:
+        import bitsandbytes, peft  # noqa: F401,E401
+    rss_libs = _vm("VmRSS")
     t0 = time.perf_counter()
     model, loss_fn = build(a.impl, a.method, a.path, a.device, dtype, a.r, a.alpha, a.dropout)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,6 +200,8 @@ def child(a) -> dict:
         out["peak_reserved"] = float(torch.cuda.max_memory_reserved(dev))
     else:
         out["peak_rss"] = _vm("VmHWM")
+        out["rss_libs"] = rss_libs
+        out["rss_above_libs"] = out["peak_rss"] - rss_libs
         if a.track:
             from qlora_lite.memory.measure import _phase_tracker
             mt = _phase_tracker()
@@ -224,7 +249,7 @@ def summarize(rows: list[dict], mem_key: str) -> dict:
     out = dict(median_step_s=med("median_step_s"), tokens_per_s=med("tokens_per_s"),
                step_s_rounds=[r["median_step_s"] for r in rows], trainable=rows[0]["trainable"],
                final_loss=rows[0]["losses"][-1])
-    for k in (mem_key, "peak_tensor_bytes", "peak_reserved"):
+    for k in (mem_key, "peak_tensor_bytes", "peak_reserved", "rss_libs", "rss_above_libs"):
         if k in rows[0]:
             out[k] = med(k)
     return out
@@ -248,10 +273,11 @@ def main(argv=None) -> int:
                     help="impl:method pairs to run (default: all)")
     ap.add_argument("--no-track", dest="track", action="store_false", help="skip the MemTracker step (CPU)")
     ap.add_argument("--out", default=str(RESULTS / "train_bench.json"))
+    ap.add_argument("--tables", action="store_true", help="print the README tables from --out and exit")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qlora_lite_bench_models"))
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for k in ("--impl", "--method", "--path"):
+    for k in ("--impl", "--method", "--path"):  # impl: ours | ours-unfixed | peer
         ap.add_argument(k, help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -260,6 +286,9 @@ def main(argv=None) -> int:
         a.track = False
     if a.child:
         print(json.dumps(child(a)))
+        return 0
+    if a.tables:
+        print(markdown(json.loads(Path(a.out).read_text())))
         return 0
 
     from tqdm import tqdm
@@ -271,7 +300,9 @@ def main(argv=None) -> int:
                   settings=dict(device=a.device, dtype=a.dtype, batch=a.batch, r=a.r, alpha=a.alpha,
                                 dropout=a.dropout, targets="all-linear", steps=a.steps, warmup=a.warmup,
                                 rounds=a.rounds, optimizer="torch AdamW lr 2e-4, clip 0.3",
-                                gradient_checkpointing="non-reentrant, both sides"),
+                                gradient_checkpointing="ours non-reentrant; peer qlora: PEFT default "
+                                "(reentrant); peer-nr: non-reentrant; peer lora/full: transformers default "
+                                "(non-reentrant)"),
                   cases=[])
     bar = tqdm(total=len(a.models) * len(a.seq_lens) * a.rounds * len(runs), desc="runs", unit="run")
     for name in a.models:
@@ -287,11 +318,12 @@ def main(argv=None) -> int:
                     per[f"{impl}:{method}"].append(run_child(impl, method, path, a, seq))
                     bar.update(1)
             case = dict(model=name, seq_len=seq, batch=a.batch, rows={k: summarize(v, mem_key) for k, v in per.items()})
-            for method in ("qlora", "lora"):
-                o, p = case["rows"].get(f"ours:{method}"), case["rows"].get(f"peer:{method}")
-                if o and p:
-                    case[f"ratio_{method}"] = {k: o[k] / p[k] for k in ("median_step_s", mem_key, "peak_tensor_bytes",
-                                                                       "peak_reserved") if k in o and k in p}
+            for k_o, o in case["rows"].items():
+                for k_p, p in case["rows"].items():
+                    if k_o.startswith("ours") and k_p.startswith("peer") and k_o.split(":")[1] == k_p.split(":")[1]:
+                        case[f"ratio {k_o} / {k_p}"] = {k: o[k] / p[k] for k in (
+                            "median_step_s", mem_key, "rss_above_libs", "peak_tensor_bytes", "peak_reserved")
+                            if k in o and k in p}
             result["cases"].append(case)
             tqdm.write(format_case(case, mem_key))
     bar.close()
@@ -301,21 +333,57 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
     plot(result, out.with_suffix(".png"), mem_key)
+    print(markdown(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
 def format_case(case: dict, mem_key: str) -> str:
     mib = 2 ** 20
+    cols = [("median_step_s", "step s", 1, ".3f"), ("tokens_per_s", "tok/s", 1, ".0f"),
+            (mem_key, mem_key.replace("_", " ") + " MiB", mib, ".0f"), ("rss_libs", "libs MiB", mib, ".0f"),
+            ("rss_above_libs", "above libs MiB", mib, ".0f"), ("peak_tensor_bytes", "tensors MiB", mib, ".1f"),
+            ("peak_reserved", "reserved MiB", mib, ".0f")]
+    cols = [c for c in cols if any(c[0] in r for r in case["rows"].values())]
     lines = [f"\n{case['model']}, batch {case['batch']} x {case['seq_len']}",
-             f"{'run':<16}{'step s':>9}{'tok/s':>9}{'peak ' + mem_key[5:] + ' MiB':>18}{'tensors MiB':>13}"]
+             f"{'run':<20}" + "".join(f"{c[1]:>16}" for c in cols)]
     for k, r in case["rows"].items():
-        lines.append(f"{k:<16}{r['median_step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r[mem_key] / mib:>18.0f}"
-                     f"{r.get('peak_tensor_bytes', float('nan')) / mib:>13.1f}")
-    for m in ("qlora", "lora"):
-        if f"ratio_{m}" in case:
-            lines.append(f"ours/peer {m}: " + ", ".join(f"{k} {v:.2f}x" for k, v in case[f"ratio_{m}"].items()))
+        lines.append(f"{k:<20}" + "".join(f"{r[c[0]] / c[2]:>16{c[3]}}" if c[0] in r else f"{'-':>16}" for c in cols))
+    for k in case:
+        if k.startswith("ratio "):
+            lines.append(f"{k[6:]}: " + ", ".join(f"{m} {v:.2f}x" for m, v in case[k].items()))
     return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The README's tables: one per case, then the ratios."""
+    mib = 2 ** 20
+    cuda = result["settings"]["device"].startswith("cuda")
+    out = []
+    for case in result["cases"]:
+        out.append(f"**{case['model']}, batch {case['batch']} x {case['seq_len']} tokens**\n")
+        if cuda:
+            out.append("| run | step (s) | tokens/s | peak allocated (MiB) | peak reserved (MiB) |\n|---|---|---|---|---|")
+            for k, r in case["rows"].items():
+                out.append(f"| {k} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                           f"{r['peak_allocated'] / mib:.0f} | {r['peak_reserved'] / mib:.0f} |")
+        else:
+            out.append("| run | step (s) | tokens/s | peak RSS (MiB) | of which libraries | peak RSS above libraries | "
+                       "peak live tensors (MiB) |\n|---|---|---|---|---|---|---|")
+            for k, r in case["rows"].items():
+                out.append(f"| {k} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss'] / mib:.0f} | "
+                           f"{r['rss_libs'] / mib:.0f} | {r['rss_above_libs'] / mib:.0f} | "
+                           f"{r['peak_tensor_bytes'] / mib:.1f} |")
+        out.append("")
+        ratios = [(k[6:], v) for k, v in case.items() if k.startswith("ratio ")]
+        if ratios:
+            keys = list(ratios[0][1])
+            out.append("| ratio | " + " | ".join(k.replace("_", " ") for k in keys) + " |")
+            out.append("|---|" + "---|" * len(keys))
+            for name, v in ratios:
+                out.append(f"| {name} | " + " | ".join(f"{v[k]:.2f}x" if k in v else "-" for k in keys) + " |")
+            out.append("")
+    return "\n".join(out)
 
 
 def plot(result: dict, path: Path, mem_key: str) -> None:
@@ -326,7 +394,8 @@ def plot(result: dict, path: Path, mem_key: str) -> None:
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.2 * len(cases)), squeeze=False)
     for ax_row, case in zip(axes, cases):
         names = list(case["rows"])
-        colors = ["tab:blue" if n.startswith("ours") else "tab:gray" for n in names]
+        colors = ["lightsteelblue" if n.startswith("ours-unfixed") else "tab:blue" if n.startswith("ours")
+                  else "silver" if n.startswith("peer-nr") else "tab:gray" for n in names]
         ax_row[0].barh(names, [case["rows"][n]["median_step_s"] for n in names], color=colors)
         ax_row[0].set_xlabel("median step time (s)")
         ax_row[1].barh(names, [case["rows"][n][mem_key] / 2 ** 20 for n in names], color=colors)

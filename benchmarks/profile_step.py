@@ -20,7 +20,7 @@ from bench_train import MODELS, build, model_dir  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", choices=["ours", "peer"], default="ours")
+    ap.add_argument("--impl", choices=["ours", "ours-unfixed", "peer"], default="ours")
     ap.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora")
     ap.add_argument("--model", choices=list(MODELS), default="llama-45m")
     ap.add_argument("--batch", type=int, default=2)

@@ -129,6 +129,37 @@ def test_estimate_within_10pct_of_measured_peak(method, ckpt):
     assert static == pytest.approx(peaks["load"]["weights"], rel=0.03)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fused_loss_estimate_matches_the_trainers_loss_where_logits_dominate(method):
+    """A 8192-token vocabulary at 256 tokens: logits and their fp32 copies are most of the peak with
+    transformers' loss; the trainer's fused loss (qlora_lite.loss) holds one chunk of them."""
+    from qlora_lite.memory.build import prepare_for_method
+    from qlora_lite.memory.measure import make_batch, make_optimizer, run_tracked_steps
+    from qlora_lite.quantize import quantize_model
+    from qlora_lite.train import token_loss_sum
+
+    torch.manual_seed(0)
+    d = {**{k: v for k, v in TINY.items() if k != "model_type"}, "vocab_size": 8192}
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**d), dtype=torch.float32)
+    facts = count_model(model, "tiny-8k")
+    if method == "qlora":
+        quantize_model(model, backend="torch")
+    st = Settings(method=method, seq_len=64, batch_size=4, lora_r=8, grad_ckpt=True, dtype="fp32", device="cpu",
+                  optimizer="adamw_torch", fused_loss=True)
+    prepare_for_method(model, Settings(**{**st.__dict__, "method": "lora"}))
+
+    def loss_fn(m, b):
+        s, n = token_loss_sum(m, b)
+        return s / n
+    peaks = run_tracked_steps(model, make_optimizer(model.parameters(), "adamw_torch"), make_batch(8192, 4, 64),
+                              loss_fn=loss_fn)
+    measured = max(p["total"] for p in peaks.values())
+    est = _estimate(facts, st).tensor_peak_bytes
+    unfused = _estimate(facts, Settings(**{**st.__dict__, "fused_loss": False})).tensor_peak_bytes
+    assert est == pytest.approx(measured, rel=0.10)
+    assert unfused > 1.3 * est                        # what the fused loss saves here
+
+
 def test_padded_batches_cost_a_mask_and_repeated_kv():
     from qlora_lite.memory.build import prepare_for_method
     from qlora_lite.memory.measure import make_optimizer, run_tracked_steps

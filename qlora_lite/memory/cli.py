@@ -45,8 +45,20 @@ def settings_from_config(cfg, device: str = "cuda") -> tuple[str, str, Settings]
                   optimizer=_OPTIMIZER_NAMES.get(cfg.train.optimizer, cfg.train.optimizer),
                   grad_ckpt=cfg.train.gradient_checkpointing, attn_impl=cfg.model.attn_implementation,
                   dtype=dtype, double_quant=cfg.quant.double_quant, device=device,
-                  padded=not cfg.data.packing)  # the padding collator sends an attention mask
+                  padded=not cfg.data.packing,  # the padding collator sends an attention mask
+                  fused_loss=_trainer_fuses_loss(spec))
     return spec, method, st
+
+
+def _trainer_fuses_loss(spec) -> bool:
+    """Whether the trainer runs this architecture's head and loss fused (qlora_lite.loss)."""
+    from ..loss import FUSED_MODEL_TYPES
+    try:
+        facts = model_facts(spec)
+    except Exception:
+        return False
+    return facts.model_type in FUSED_MODEL_TYPES and not (
+        facts.config.get("final_logit_softcapping") or facts.config.get("logit_scale"))
 
 
 def estimate_for_train_config(cfg) -> MemoryEstimate:
@@ -83,10 +95,18 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
     # bitsandbytes pages only CUDA memory; on CPU the paged optimizers are the plain ones (same states)
     opt = make_optimizer(model.parameters(), st.optimizer.replace("paged_", "") if device == "cpu" else st.optimizer)
     batch = make_batch(model.config.vocab_size, st.batch_size, st.seq_len, device, padded=st.padded)
+    loss_fn = None
+    if st.fused_loss and st.method in ("lora", "qlora"):   # the trainer's loss: fused head + cross-entropy
+        from ..train import token_loss_sum
+
+        def loss_fn(model, batch):
+            s, n = token_loss_sum(model, batch)
+            return s / max(n, 1)
     t0 = time.time()
     reserved = 0.0
     if device == "cuda":
-        peaks, reserved = run_cuda_steps(model, opt, batch, steps=steps + 1, autocast_dtype=autocast)
+        peaks, reserved = run_cuda_steps(model, opt, batch, steps=steps + 1, autocast_dtype=autocast,
+                                         loss_fn=loss_fn)
         # the allocator knows totals only: split off what the model and optimizer hold
         static = split_static(model, opt)
         for p in peaks.values():
@@ -94,7 +114,8 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
             p["activations + transient"] = p["total"] - sum(static.values())
         where = f"cuda ({torch.cuda.get_device_name()})"
     else:
-        peaks = run_tracked_steps(model, opt, batch, steps=steps, progress=progress, autocast_dtype=autocast)
+        peaks = run_tracked_steps(model, opt, batch, steps=steps, progress=progress, autocast_dtype=autocast,
+                                  loss_fn=loss_fn)
         where = "cpu (MemTracker)"
     phase = max(peaks, key=lambda k: peaks[k]["total"])
     return Measurement(device=where, method=st.method, steps=steps, phases=peaks, peak_phase=phase,
@@ -124,7 +145,8 @@ def resolve_inputs(args) -> tuple[ModelFacts, str, Settings, str | None]:
             measure_dir = spec
     else:
         spec = src
-        st = Settings(device=device, dtype="fp32" if device == "cpu" else "bf16", lora_dropout=0.0)
+        st = Settings(device=device, dtype="fp32" if device == "cpu" else "bf16", lora_dropout=0.0,
+                      fused_loss=_trainer_fuses_loss(spec))
         if Path(src).exists() and _is_local_model(src):
             measure_dir = str(Path(src) if Path(src).is_dir() else Path(src).parent)
     facts = model_facts(spec)
@@ -182,7 +204,8 @@ def cli_memory(args) -> int:
                 res = simulate(spec, st, steps=steps, progress=True)
             measured[m] = res.to_dict()
         if args.simulate:  # the simulation sees tensors only: compare like with like
-            ests = {m: _estimate(facts, replace(base, method=m, device="cpu").validate()) for m in methods}
+            ests = {m: _estimate(facts, replace(base, method=m, device="cpu", fused_loss=False).validate())
+                    for m in methods}
 
     from .report import format_sweep, format_table, sweep, verdict, write_json, write_plot
     verdicts = {m: verdict(facts, e, args.gpu_gb) for m, e in ests.items()} if args.gpu_gb else None

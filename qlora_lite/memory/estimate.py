@@ -58,7 +58,7 @@ CATEGORIES = (
     "gradients",  # .grad of every trainable parameter
     "optimizer states",  # AdamW moments
     "activations",  # tensors saved for backward (+ recomputed layer under checkpointing)
-    "logits + loss",  # B x S x V logits, fp32 upcast, log-softmax and their gradients
+    "logits + loss",  # B x S x V logits, fp32 upcast, log-softmax and their gradients (one chunk when fused)
     "transient",  # short-lived buffers: dequantized weight, backward grads in flight, optimizer temporaries
     "CUDA context + allocator",  # outside the tensor count: driver context, caching-allocator slack
 )
@@ -85,6 +85,7 @@ class Settings:
     cuda_context_mib: float = 500.0  # CUDA driver context + cuBLAS workspace, outside PyTorch's allocator
     allocator_overhead: float = 0.05  # caching-allocator slack (reserved - allocated) as a fraction of the peak
     keep_logits: bool = True  # the model output (holding the logits) is alive during backward
+    fused_loss: bool = False  # (Q)LoRA: the trainer's fused, chunked head + loss (qlora_lite.loss), no full logits
     padded: bool = False  # batches carry padding: transformers builds a [b,1,s,s] mask and SDPA repeats GQA k/v
 
     def validate(self) -> "Settings":
@@ -280,6 +281,15 @@ def logits_bytes(f: ModelFacts, st: Settings) -> dict:
     """
     TV = st.batch_size * st.seq_len * f.vocab_size
     e = DTYPE_BYTES[st.dtype]
+    if st.fused_loss and st.method in ("lora", "qlora"):
+        # loss.linear_cross_entropy: one chunk of fp32 logits at a time (with its compute-dtype matmul
+        # output and gradient when e < 4) and the [T, h] hidden-state gradient kept for backward
+        from ..loss import CHUNK_BYTES
+        T = st.batch_size * st.seq_len
+        rows = min(T, max(1, CHUNK_BYTES // (4 * f.vocab_size)))
+        grad_h = T * f.hidden_size * e
+        return {"forward": rows * f.vocab_size * (4 + (2 * e if e < 4 else 0)) + grad_h,
+                "backward": 2 * grad_h, "held": grad_h}
     held = TV * e if st.keep_logits else 0
     fwd = held + (TV * 4 if e < 4 else 0) + TV * 4
     bwd = (TV * e if st.keep_logits or e == 4 else 0) + 12 * TV

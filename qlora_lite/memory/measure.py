@@ -146,13 +146,14 @@ def make_optimizer(params, name: str, lr: float = 1e-4):
     return cls(params, lr=lr)
 
 
-def _one_step(model, optimizer, batch, autocast_dtype=None, on_phase=None) -> None:
-    """forward (loss) -> backward -> optimizer step; on_phase(name) after each phase."""
+def _one_step(model, optimizer, batch, autocast_dtype=None, on_phase=None, loss_fn=None) -> None:
+    """forward (loss) -> backward -> optimizer step; on_phase(name) after each phase. The loss is
+    transformers' own (model(**batch).loss), or loss_fn(model, batch) (the trainer's fused loss)."""
     dev_type = next(iter(batch.values())).device.type
     ctx = torch.autocast(dev_type, dtype=autocast_dtype) if autocast_dtype is not None else _nullcontext()
     with ctx:
-        out = model(**batch)
-    loss = out.loss
+        out = loss_fn(model, batch) if loss_fn is not None else model(**batch)
+    loss = out if loss_fn is not None else out.loss
     if on_phase:
         on_phase("forward")
     loss.backward()
@@ -177,7 +178,7 @@ def prime_optimizer(optimizer) -> None:
 
 
 def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, *, warmup: int = 0,
-                      autocast_dtype=None, progress: bool = False) -> dict:
+                      autocast_dtype=None, progress: bool = False, loss_fn=None) -> dict:
     """Prime the optimizer's states and run `warmup` untracked steps, then `steps` steps under the
     live-tensor tracker; peak per phase over the tracked steps.
 
@@ -192,7 +193,7 @@ def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, 
     prime_optimizer(optimizer)
     for _ in range(warmup):
         next(it)
-        _one_step(model, optimizer, batch, autocast_dtype)
+        _one_step(model, optimizer, batch, autocast_dtype, loss_fn=loss_fn)
     mt = _phase_tracker()
     mt.track_external(model, optimizer, *batch.values())
     peaks: dict[str, dict] = {}
@@ -208,7 +209,7 @@ def run_tracked_steps(model: nn.Module, optimizer, batch: dict, steps: int = 1, 
         record("load")
         for _ in it:
             mt.reset_mod_stats()  # MemTracker refuses a module's second forward otherwise
-            _one_step(model, optimizer, batch, autocast_dtype, on_phase=record)
+            _one_step(model, optimizer, batch, autocast_dtype, on_phase=record, loss_fn=loss_fn)
     return peaks
 
 
@@ -220,7 +221,7 @@ class _nullcontext:
         return False
 
 
-def run_cuda_steps(model, optimizer, batch, steps: int = 1, autocast_dtype=None) -> tuple[dict, float]:
+def run_cuda_steps(model, optimizer, batch, steps: int = 1, autocast_dtype=None, loss_fn=None) -> tuple[dict, float]:
     """The same phases on CUDA from the caching allocator's statistics: peak allocated per phase
     over `steps` steady-state steps (optimizer states primed first), and the peak reserved."""
     dev = next(model.parameters()).device
@@ -239,7 +240,7 @@ def run_cuda_steps(model, optimizer, batch, steps: int = 1, autocast_dtype=None)
 
     reserved = [0.0]
     for _ in range(steps):
-        _one_step(model, optimizer, batch, autocast_dtype, on_phase=record)
+        _one_step(model, optimizer, batch, autocast_dtype, on_phase=record, loss_fn=loss_fn)
     return peaks, reserved[0]
 
 
