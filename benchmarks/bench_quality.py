@@ -14,7 +14,7 @@ alpaca-format task (data/tiny) with configs/tiny.yaml's data, batch, schedule an
 
 One loop serves all four (the trainer's own loss, sampler, warmup + cosine schedule, clipping and
 AdamW), so the model setup is the only difference. After training: eval loss over the whole eval
-file and exact match of greedy answers on --eval-rows eval rows. Writes
+file and exact match of greedy answers on every eval row (--eval-rows to limit). Writes
 benchmarks/results/quality_bench.json and quality_bench.png.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
     ap.add_argument("--full-lr", type=float, default=2e-4)
-    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--eval-rows", type=int, default=0, help="eval rows scored by exact match (0 = all)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "quality_bench.json"))
     ap.add_argument("--tables", action="store_true", help="print the README table from --out and exit")

@@ -74,8 +74,13 @@ def model_dir(name: str, cache: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(**spec, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)      # a 7B model initialised in fp32 would need 27 GB
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init is fast on a GPU
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
     tmp = cache / f".{name}.tmp"
     model.save_pretrained(tmp, max_shard_size="2GB")
     os.replace(tmp, out)
@@ -155,7 +160,9 @@ def child(a) -> dict:
     if a.impl.startswith("ours"):
         import qlora_lite.lora, qlora_lite.model, qlora_lite.train  # noqa: F401,E401
     else:
-        import bitsandbytes, peft  # noqa: F401,E401
+        import peft  # noqa: F401
+    if a.method == "qlora":
+        import bitsandbytes  # noqa: F401  (both sides' 4-bit kernels)
     rss_libs = _vm("VmRSS")
     t0 = time.perf_counter()
     model, loss_fn = build(a.impl, a.method, a.path, a.device, dtype, a.r, a.alpha, a.dropout)
