@@ -55,7 +55,7 @@ def run_one(method: str, seed: int, cfg, steps: int, full_lr: float, eval_rows: 
     else:
         add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets)
         lr = t.lr
-    enable_gradient_checkpointing(model)
+    enable_gradient_checkpointing(model, reentrant=True)      # as the trainer does in one process
     model.train()
     train_ds, eval_ds, _ = build_datasets(d, tok, seed)
     collate = make_collator(tok)

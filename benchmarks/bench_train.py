@@ -8,17 +8,19 @@ The same model file, random-token batch, sequence length, LoRA rank/alpha/dropou
 gradient checkpointing, optimizer (torch AdamW, lr 2e-4, grad-norm clip 0.3) and number of steps
 run through
 
-  ours  qlora_lite: load_model(quantize="nf4") + add_lora + enable_gradient_checkpointing, and
-        the trainer's own loss (train.token_loss_sum) and step;
+  ours  qlora_lite: load_model(quantize="nf4") + add_lora + enable_gradient_checkpointing (the
+        reentrant kind, as the trainer uses in one process), and the trainer's own loss
+        (train.token_loss_sum) and step;
   peer  transformers + PEFT + bitsandbytes: from_pretrained(quantization_config=BitsAndBytesConfig(
         nf4, double quant)), prepare_model_for_kbit_training, get_peft_model, model(labels=...).loss,
         with PEFT's defaults (reentrant checkpointing); peer-nr is the same with
-        gradient_checkpointing_kwargs={"use_reentrant": False}, the peer at its best.
+        gradient_checkpointing_kwargs={"use_reentrant": False}.
 
 Plain LoRA (16/32-bit base) and full fine-tuning (transformers alone) are measured for context, and
 `ours-unfixed` is our QLoRA step as it was before profiling against the peer (logits +
-F.cross_entropy instead of the fused chunked loss, torch's CPU dropout kernel on the LoRA input),
-to show what each fix bought.
+F.cross_entropy instead of the fused chunked loss, torch's CPU dropout kernel on the LoRA input,
+the adapter output as matmul + mul + add instead of one addmm, non-reentrant checkpointing),
+to show what the fixes bought together.
 Every measurement runs in a fresh process (memory figures must not leak between runs), and the
 runs alternate ours, peer, ours, peer ... over `--rounds` rounds, so slow drift of the machine
 hits both sides alike; the figures are medians over rounds of each run's median step time.
@@ -110,15 +112,20 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
         model, _ = load_model(path, quantize="nf4" if method == "qlora" else None, double_quant=True,
                               compute_dtype=dtype, device=device, load_tokenizer=False)
         add_lora(model, r=r, alpha=alpha, dropout=dropout, targets="all-linear")
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, reentrant=impl == "ours")    # as the trainer does in one process
         fused = impl == "ours"
         if impl == "ours-unfixed":
-            # what this step did before profiling against the peer: logits + F.cross_entropy, and
-            # torch's own CPU dropout (per-element Mersenne-twister masks) on the LoRA input
-            from qlora_lite.lora import LoRADropout
+            # what this step did before profiling against the peer: logits + F.cross_entropy, torch's
+            # own CPU dropout (per-element Mersenne-twister masks) on the LoRA input, an unfused
+            # adapter output and non-reentrant checkpointing
+            import types
+
+            from qlora_lite.lora import LoRADropout, LoRALayer
             for m in model.modules():
                 if isinstance(m, LoRADropout):
                     m.forward = torch.nn.Dropout.forward.__get__(m)
+                elif isinstance(m, LoRALayer):
+                    m.forward = types.MethodType(_unfused_lora_forward, m)
 
         def loss_fn(batch):
             s, n = token_loss_sum(model, batch, fused=fused)
@@ -148,6 +155,15 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
             return model(**batch, use_cache=False).loss
     model.train()
     return model, loss_fn
+
+
+def _unfused_lora_forward(self, x):
+    """LoRALayer.forward before the adapter output was fused into one addmm."""
+    out = self.base(x)
+    name = self.active_adapter
+    A, B = self.lora_A[name], self.lora_B[name]
+    h = self.lora_dropout[name](x).to(A.dtype) @ A.t()
+    return out + ((h @ B.t()) * self.scaling[name]).to(out.dtype)
 
 
 def child(a) -> dict:

@@ -183,6 +183,11 @@ class LoRALayer(nn.Module):
             h = F.embedding(x, A.t(), padding_idx=self.base.padding_idx)      # (..., r)
         else:
             h = self.lora_dropout[name](x).to(A.dtype) @ A.t()               # (..., r)
+        if h.dtype == out.dtype:
+            # out + scaling * (h @ B.T) in one BLAS call: no [tokens, out] temporaries for the product
+            # and its scaled copy (same saved tensors for backward as the unfused expression)
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
+                               alpha=self.scaling[name]).view(out.shape)
         return out + ((h @ B.t()) * self.scaling[name]).to(out.dtype)        # (..., out)
 
     def extra_repr(self) -> str:

@@ -254,21 +254,29 @@ def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
-    """Non-reentrant activation checkpointing of each decoder layer.
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, reentrant: bool = False) -> None:
+    """Activation checkpointing of each decoder layer: only the layer's input is kept, the rest is
+    recomputed in backward.
 
-    Non-reentrant checkpointing needs no input that requires grad, so a frozen (quantized)
-    base with trainable adapters works without the enable_input_require_grads workaround
-    and without the "element 0 of tensors does not require grad" error. ``offload`` keeps the
-    saved layer inputs in pinned host memory instead of on the GPU (transformers >= 5).
+    reentrant=False (torch's non-reentrant kind) works in every setting: data-parallel processes,
+    torch.autograd.grad, activation offloading. reentrant=True runs the first forward pass under
+    no_grad, so it builds no autograd graph for it; on small, overhead-bound models that is ~7% of a
+    step (benchmarks/README.md), on large ones nothing measurable. It needs an input that requires
+    grad, which the input-embedding hook (enable_input_require_grads) provides, supports only
+    .backward(), and is used by the trainer in single-process runs only. ``offload`` keeps the
+    saved layer inputs in pinned host memory instead of on the GPU (transformers >= 5, non-reentrant).
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
-    kwargs = {"use_reentrant": False}
+    if reentrant and offload:
+        raise UserError("activation offloading works with non-reentrant checkpointing only")
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):      # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
     else:
         if offload:
             raise UserError("activation offloading needs a newer transformers (activation_checkpointing_enable)")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant and hasattr(model, "enable_input_require_grads") and getattr(model, "_require_grads_hook", None) is None:
+        model.enable_input_require_grads()     # what the no-grad first pass needs to reach the adapters
     model.config.use_cache = False

@@ -226,8 +226,8 @@ def train(cfg, resume: str | None = None, *, progress: bool = True, stop_after: 
                             device=device, trust_remote_code=mc.trust_remote_code,
                             attn_implementation=mc.attn_implementation, revision=mc.revision)
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, use_rslora=lc.use_rslora)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    if t.gradient_checkpointing:   # one process: the faster reentrant kind (no graph for the first pass)
+        enable_gradient_checkpointing(model, reentrant=world == 1)
     model.train()
     log(trainable_summary(model))
 
