@@ -10,6 +10,8 @@ exactly what was trained.
 """
 from __future__ import annotations
 
+import inspect
+
 import re
 from typing import Iterable, Sequence
 
@@ -117,11 +119,13 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
             out_tokens: list[torch.Tensor] = []
             past = None
             step_ids = ids
+            # transformers >= 5.24 names the KV cache `cache` (past_key_values is deprecated there)
+            cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
             for _ in range(max_new_tokens):
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, t)
                 out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                            past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                            **{cache_kw: past}, use_cache=True)
+                past = getattr(out, cache_kw)
                 nxt = out.logits[:, -1, :].argmax(-1)  # (B,)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 out_tokens.append(nxt)
