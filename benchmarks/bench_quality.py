@@ -135,13 +135,13 @@ def plot(result: dict, path: Path) -> None:
         for i, m in enumerate(ms):
             vals = summ[m][k]["values"]
             vals = [100 * v for v in vals] if k == "exact_match" else vals
-            ax.scatter([i] * len(vals), vals, color="tab:blue", zorder=3)
-            ax.bar(i, statistics.mean(vals), color="tab:blue" if m.startswith("qlora") else "tab:gray", alpha=0.4)
+            color = "tab:blue" if m.startswith("qlora") else "tab:gray"
+            ax.scatter([i] * len(vals), vals, color=color, zorder=3)
+            ax.hlines(statistics.mean(vals), i - 0.3, i + 0.3, color=color, lw=2, label="mean" if i == 0 else None)
         ax.set_xticks(range(len(ms)), ms)
+        ax.set_xlim(-0.6, len(ms) - 0.4)
         ax.set_title(label + (" %" if k == "exact_match" else ""), fontsize=9)
-        if k == "eval_loss":
-            lo = min(min(summ[m][k]["values"]) for m in ms)
-            ax.set_ylim(lo * 0.9, None)
+        ax.legend(fontsize=8)
     for r in result["runs"]:
         axes[2].plot(r["losses"], lw=0.7, color={"full": "tab:gray", "lora": "tab:green", "qlora": "tab:blue",
                                                   "qlora-nodq": "tab:orange"}[r["method"]],
@@ -156,6 +156,53 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def absmax_noise_control(cfg, steps: int, full_lr: float, eval_rows: int, seed: int, noise_seeds, std: float) -> list:
+    """A control for the double-quantization gap: the fp32-absmax (no double quant) base with its
+    absmax constants multiplied by (1 + std * N(0, 1)), std = the relative error double quantization
+    puts on them, trained with `seed`; one run per noise seed. If these runs move as far from the
+    unperturbed one as double quantization does, the gap is the model's sensitivity to any change of
+    its base, not an effect of double quantization."""
+    import functools
+
+    import torch
+
+    import qlora_lite.model as qm
+    from qlora_lite.quantize import Linear4bit
+    load = qm.load_model
+    out = []
+    try:
+        for ns in noise_seeds:
+            def perturbed(*a, _ns=ns, **k):
+                model, tok = load(*a, **k)
+                g = torch.Generator().manual_seed(1000 + _ns)
+                for mod in model.modules():
+                    if isinstance(mod, Linear4bit):
+                        mod.absmax.mul_(1 + std * torch.randn(mod.absmax.shape, generator=g))
+                        mod._bnb_state = None
+                return model, tok
+            qm.load_model = functools.wraps(load)(perturbed)
+            r = run_one("qlora-nodq", seed, cfg, steps, full_lr, eval_rows)
+            out.append(dict(noise_seed=ns, seed=seed, std=std, eval_loss=r["eval_loss"], exact_match=r["exact_match"]))
+    finally:
+        qm.load_model = load
+    return out
+
+
+def dq_absmax_error(path: str) -> float:
+    """Relative error (std) that double quantization puts on the absmax constants of `path`'s base."""
+    import torch
+
+    from qlora_lite.model import load_model
+    from qlora_lite.quantize import Linear4bit
+    a, _ = load_model(path, quantize="nf4", double_quant=False, compute_dtype="fp32", load_tokenizer=False)
+    b, _ = load_model(path, quantize="nf4", double_quant=True, compute_dtype="fp32", load_tokenizer=False)
+    errs = []
+    for x, y in zip((m for m in a.modules() if isinstance(m, Linear4bit)), (m for m in b.modules() if isinstance(m, Linear4bit))):
+        am = y.code2[y.absmax.long()] * y.absmax2[torch.arange(y.absmax.numel()) // 256] + float(y.offset)
+        errs.append((am - x.absmax) / x.absmax)
+    return float(torch.cat(errs).std())
+
+
 def markdown(result: dict) -> str:
     out = ["| method | trainable params | eval loss (mean ± std) | exact match % (mean ± std) | per seed: eval loss / exact match % |",
            "|---|---|---|---|---|"]
@@ -164,7 +211,14 @@ def markdown(result: dict) -> str:
         per = ", ".join(f"{a:.3f} / {100 * b:.1f}" for a, b in zip(el["values"], em["values"]))
         out.append(f"| {m} | {row['trainable']:,} | {el['mean']:.4f} ± {el['std']:.4f} | "
                    f"{100 * em['mean']:.1f} ± {100 * em['std']:.1f} | {per} |")
-    return "\n".join(out) + "\n\n" + "\n".join(f"- {v}" for v in result["verdict"])
+    text = "\n".join(out) + "\n\n" + "\n".join(f"- {v}" for v in result["verdict"])
+    c = result.get("control")
+    if c:
+        text += (f"\n\nControl (`{c['command']}`): double quantization's relative error on the absmax constants "
+                 f"has std {100 * c['dq_absmax_rel_err_std']:.2f}%; the fp32-absmax base with that much random noise "
+                 f"on its constants, seed {c['runs'][0]['seed']}: " + ", ".join(
+                     f"eval loss {r['eval_loss']:.3f} / exact match {100 * r['exact_match']:.1f}%" for r in c["runs"]))
+    return text
 
 
 def main(argv=None) -> int:
@@ -178,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "quality_bench.json"))
     ap.add_argument("--tables", action="store_true", help="print the README table from --out and exit")
+    ap.add_argument("--control", type=int, nargs="*", metavar="NOISE_SEED",
+                    help="only run the absmax-noise control (qlora-nodq, first --seeds seed, one run per noise "
+                         "seed, default 0 1 2) and add it to --out")
     a = ap.parse_args(argv)
     if a.tables:
         print(markdown(json.loads(Path(a.out).read_text())))
@@ -191,6 +248,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.config, [])
     steps = a.steps or cfg.train.max_steps
+    if a.control is not None:
+        out = Path(a.out)
+        result = json.loads(out.read_text())
+        std = dq_absmax_error(cfg.model.name_or_path)
+        runs = absmax_noise_control(cfg, steps, a.full_lr, a.eval_rows, a.seeds[0], a.control or [0, 1, 2], std)
+        result["control"] = dict(command="python benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]),
+                                 dq_absmax_rel_err_std=std, runs=runs)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(json.dumps(result["control"], indent=2))
+        return 0
     runs = []
     jobs = [(s, m) for s in a.seeds for m in a.methods]          # seed-major: a partial run still compares
     for seed, m in tqdm(jobs, desc="runs", unit="run"):
