@@ -5,8 +5,11 @@ Memory features and their trade-offs (QLoRA paper §3; see `qlora-lite memory` f
 * NF4 base with double quantization: ~0.52 bytes per base parameter instead of 2 (bf16);
   each linear's weight is dequantized on the fly in forward and again in backward.
 * LoRA adapters: only r*(in+out) parameters per adapted matrix get gradients and AdamW states.
-* Gradient checkpointing (non-reentrant): keeps only each decoder layer's input and recomputes
-  the rest in backward, about a third more compute for a large cut in activation memory.
+* Gradient checkpointing: keeps only each decoder layer's input and recomputes the rest in
+  backward, about a third more compute for a large cut in activation memory (the reentrant kind
+  in one process, whose first pass builds no autograd graph; non-reentrant across processes).
+* The loss (loss.py): output head and cross-entropy fused and chunked, so the [tokens, vocab]
+  logits are never held.
 * Paged AdamW (bitsandbytes, CUDA only): optimizer states live in unified memory and are
   evicted to host RAM when the GPU runs short, instead of failing with out-of-memory.
 
