@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("full", "lora", "qlora", "qlora-nodq")
 
@@ -267,13 +268,9 @@ def main(argv=None) -> int:
         tqdm.write(f"{m:<11} seed {seed}: eval loss {r['eval_loss']:.4f}, exact match {100 * r['exact_match']:.1f}%"
                    f" ({r['train_s']:.0f} s)")
         runs.append(r)
-    import bitsandbytes
-    import transformers
+    from bench_train import machine
     result = dict(command="python benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]),
-                  machine=dict(cpu=next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text()
-                                         .splitlines() if l.startswith("model name")), ""), cores=os.cpu_count(),
-                               torch=torch.__version__, transformers=transformers.__version__,
-                               bitsandbytes=bitsandbytes.__version__),
+                  machine=machine(),
                   settings=dict(config=os.path.relpath(a.config, ROOT), steps=steps, lora_lr=cfg.train.lr,
                                 full_lr=a.full_lr, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                 micro_batch=cfg.train.micro_batch_size, schedule=cfg.train.lr_scheduler,

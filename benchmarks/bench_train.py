@@ -10,7 +10,7 @@ run through
 
   ours  qlora_lite: load_model(quantize="nf4") + add_lora + enable_gradient_checkpointing (the
         reentrant kind, as the trainer uses in one process), and the trainer's own loss
-        (train.token_loss_sum) and step;
+        (train.token_loss_mean) and step;
   peer  transformers + PEFT + bitsandbytes: from_pretrained(quantization_config=BitsAndBytesConfig(
         nf4, double quant)), prepare_model_for_kbit_training, get_peft_model, model(labels=...).loss,
         with PEFT's defaults (reentrant checkpointing); peer-nr is the same with
@@ -108,7 +108,7 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
     if impl in ("ours", "ours-unfixed"):
         from qlora_lite.lora import add_lora
         from qlora_lite.model import enable_gradient_checkpointing, load_model
-        from qlora_lite.train import token_loss_sum
+        from qlora_lite.train import token_loss_mean
         model, _ = load_model(path, quantize="nf4" if method == "qlora" else None, double_quant=True,
                               compute_dtype=dtype, device=device, load_tokenizer=False)
         add_lora(model, r=r, alpha=alpha, dropout=dropout, targets="all-linear")
@@ -128,8 +128,7 @@ def build(impl: str, method: str, path: str, device: str, dtype, r: int, alpha: 
                     m.forward = types.MethodType(_unfused_lora_forward, m)
 
         def loss_fn(batch):
-            s, n = token_loss_sum(model, batch, fused=fused)
-            return s / n
+            return token_loss_mean(model, batch, fused=fused)
     else:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         kw = dict(dtype=dtype, device_map=device, attn_implementation="sdpa")
@@ -253,14 +252,18 @@ def run_child(impl, method, path, args, seq) -> dict:
 
 
 def machine() -> dict:
+    """CPU model, cores, GPU and the versions of the libraries a result depends on (those installed)."""
+    import importlib.metadata as md
+
     import torch
-    import bitsandbytes
-    import peft
-    import transformers
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
-    out = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-               transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__)
+    out = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__)
+    for lib in ("transformers", "peft", "bitsandbytes"):
+        try:
+            out[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out

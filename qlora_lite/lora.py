@@ -41,7 +41,7 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     return z.bitwise_right_shift(k).bitwise_and_((1 << (64 - k)) - 1)
 
 
-def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+def keep_mask(shape, p: float) -> torch.Tensor:
     """Bernoulli(1 - p) bool mask from a splitmix64 hash of (one seed drawn from torch's generator,
     element index); 16 random bits per element, so p is realised to within 1/65536.
 
@@ -52,7 +52,7 @@ def keep_mask(shape, p: float, device=None) -> torch.Tensor:
     """
     n = math.prod(shape)
     seed = int(torch.empty((), dtype=torch.int64).random_(-(2 ** 63), None))
-    z = torch.arange((n + 3) // 4, dtype=torch.int64, device=device).mul_(_SM_GAMMA).add_(seed)
+    z = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_SM_GAMMA).add_(seed)
     z = z.bitwise_xor_(_shr(z, 30)).mul_(_SM_M1)
     z = z.bitwise_xor_(_shr(z, 27)).mul_(_SM_M2)
     z = z.bitwise_xor_(_shr(z, 31))

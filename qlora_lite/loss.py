@@ -27,6 +27,13 @@ FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "ol
 CHUNK_BYTES = 32 * 2 ** 20       # fp32 logits held per chunk
 
 
+def architecture_fuses(model_type: str | None, setting) -> bool:
+    """Whether the fused loss reproduces this architecture's logits: a known model type, and no
+    logit soft-capping or scaling (``setting(key)`` reads the model config)."""
+    return model_type in FUSED_MODEL_TYPES and not any(
+        setting(k) for k in ("final_logit_softcapping", "logit_scale"))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over labeled rows of cross_entropy(hidden @ weight.T + bias, labels), gradients computed
     in forward chunk by chunk (the loss is a graph leaf's last op, so its output gradient is a scalar
@@ -93,9 +100,7 @@ def fused_head(model: nn.Module):
     architecture whose output head is a plain nn.Linear; None otherwise (the caller then uses logits)."""
     owner = getattr(model, "module", model)        # DDP / accelerate wrappers keep the model in .module
     cfg = getattr(owner, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in FUSED_MODEL_TYPES:
-        return None
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+    if cfg is None or not architecture_fuses(getattr(cfg, "model_type", None), lambda k: getattr(cfg, k, None)):
         return None
     head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
     if type(head) is not nn.Linear:                # adapted, quantized or custom heads: use the logits

@@ -11,7 +11,6 @@ exactly what was trained.
 from __future__ import annotations
 
 import inspect
-
 import re
 from typing import Iterable, Sequence
 

@@ -95,6 +95,12 @@ def token_loss_sum(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor
     return loss, n
 
 
+def token_loss_mean(model, batch: dict, fused: bool = True) -> torch.Tensor:
+    """token_loss_sum divided by its label-token count: the loss of one batch on its own."""
+    s, n = token_loss_sum(model, batch, fused)
+    return s / max(n, 1)
+
+
 @torch.no_grad()
 def evaluate_loss(model, eval_ds, collate, batch_size: int, device) -> dict:
     """Token-weighted mean loss over the whole eval set, and its perplexity."""

@@ -136,7 +136,7 @@ def test_fused_loss_estimate_matches_the_trainers_loss_where_logits_dominate(met
     from qlora_lite.memory.build import prepare_for_method
     from qlora_lite.memory.measure import make_batch, make_optimizer, run_tracked_steps
     from qlora_lite.quantize import quantize_model
-    from qlora_lite.train import token_loss_sum
+    from qlora_lite.train import token_loss_mean
 
     torch.manual_seed(0)
     d = {**{k: v for k, v in TINY.items() if k != "model_type"}, "vocab_size": 8192}
@@ -147,12 +147,8 @@ def test_fused_loss_estimate_matches_the_trainers_loss_where_logits_dominate(met
     st = Settings(method=method, seq_len=64, batch_size=4, lora_r=8, grad_ckpt=True, dtype="fp32", device="cpu",
                   optimizer="adamw_torch", fused_loss=True)
     prepare_for_method(model, Settings(**{**st.__dict__, "method": "lora"}))
-
-    def loss_fn(m, b):
-        s, n = token_loss_sum(m, b)
-        return s / n
     peaks = run_tracked_steps(model, make_optimizer(model.parameters(), "adamw_torch"), make_batch(8192, 4, 64),
-                              loss_fn=loss_fn)
+                              loss_fn=token_loss_mean)
     measured = max(p["total"] for p in peaks.values())
     est = _estimate(facts, st).tensor_peak_bytes
     unfused = _estimate(facts, Settings(**{**st.__dict__, "fused_loss": False})).tensor_peak_bytes

@@ -52,13 +52,12 @@ def settings_from_config(cfg, device: str = "cuda") -> tuple[str, str, Settings]
 
 def _trainer_fuses_loss(spec) -> bool:
     """Whether the trainer runs this architecture's head and loss fused (qlora_lite.loss)."""
-    from ..loss import FUSED_MODEL_TYPES
+    from ..loss import architecture_fuses
     try:
         facts = model_facts(spec)
-    except Exception:
+    except Exception:      # resolving the model again reports the problem
         return False
-    return facts.model_type in FUSED_MODEL_TYPES and not (
-        facts.config.get("final_logit_softcapping") or facts.config.get("logit_scale"))
+    return architecture_fuses(facts.model_type, facts.config.get)
 
 
 def estimate_for_train_config(cfg) -> MemoryEstimate:
@@ -97,11 +96,7 @@ def measure_method(model_dir: str, st: Settings, steps: int = 1, progress: bool 
     batch = make_batch(model.config.vocab_size, st.batch_size, st.seq_len, device, padded=st.padded)
     loss_fn = None
     if st.fused_loss and st.method in ("lora", "qlora"):   # the trainer's loss: fused head + cross-entropy
-        from ..train import token_loss_sum
-
-        def loss_fn(model, batch):
-            s, n = token_loss_sum(model, batch)
-            return s / max(n, 1)
+        from ..train import token_loss_mean as loss_fn
     t0 = time.time()
     reserved = 0.0
     if device == "cuda":
