@@ -237,6 +237,8 @@ def main(argv=None) -> int:
                     help="only run the absmax-noise control (qlora-nodq, first --seeds seed, one run per noise "
                          "seed, default 0 1 2) and add it to --out")
     a = ap.parse_args(argv)
+    if (a.tables or a.control is not None) and not Path(a.out).is_file():
+        ap.error(f"--tables/--control: no results at {a.out}; run the benchmark first")   # one line, exit 2
     if a.tables:
         print(markdown(json.loads(Path(a.out).read_text())))
         return 0
@@ -290,4 +292,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qlora_lite.errors import UserError
+    try:
+        sys.exit(main())
+    except UserError as e:          # bad config path, key or value: one line, exit 2
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -314,6 +314,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(a)))
         return 0
     if a.tables:
+        if not Path(a.out).is_file():
+            ap.error(f"--tables: no results at {a.out}; run the benchmark first")   # one line, exit 2
         print(markdown(json.loads(Path(a.out).read_text())))
         return 0
 
@@ -438,4 +440,9 @@ def plot(result: dict, path: Path, mem_key: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qlora_lite.errors import UserError
+    try:
+        sys.exit(main())
+    except UserError as e:          # bad config path, key or value: one line, exit 2
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        sys.exit(2)
